@@ -1,0 +1,195 @@
+"""Configuration of MultiMood: a Qwen2 LLM that reads SigLIP video, BEATs audio and a Mamba-compressed history.
+
+`MultimoodConfig()` with no arguments describes the published model (Qwen2-1.5B-Instruct, SigLIP
+so400m-patch14-384, BEATs iter3, mamba-370m, the `stc_connector_v35` video connector). Every
+sub-config is built in code, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+QWEN2_1_5B_INSTRUCT = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+
+SIGLIP_SO400M_PATCH14_384 = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "vision_use_head": False,
+}
+
+MAMBA_370M = {
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "num_hidden_layers": 48,
+    "state_size": 16,
+    "expand": 2,
+    "conv_kernel": 4,
+    "residual_in_fp32": True,
+}
+
+
+class BeatsConfig(PreTrainedConfig):
+    """BEATs audio encoder (Chen et al., 2022) as used by VideoLLaMA 2.1-AV and MultiMood.
+
+    The defaults are those of the `BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2` checkpoint: a 16x16
+    patch embedding of the 128-bin filterbank, 12 deep-norm post-LN layers with gated relative
+    position bias shared by all layers, and a convolutional positional embedding.
+    """
+
+    model_type = "multimood_beats"
+
+    input_patch_size: int = 16
+    embed_dim: int = 512
+    conv_bias: bool = False
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    activation_fn: str = "gelu"
+    layer_norm_first: bool = False
+    deep_norm: bool = True
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    encoder_layerdrop: float = 0.0
+    dropout_input: float = 0.0
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    relative_position_embedding: bool = True
+    num_buckets: int = 320
+    max_distance: int = 800
+    gru_rel_pos: bool = True
+    num_mel_bins: int = 128
+    fbank_mean: float = 15.41663
+    fbank_std: float = 6.55582
+    predictor_class: int | None = 527
+    initializer_range: float = 0.02
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder_embed_dim
+
+    def num_output_tokens(self, num_fbank_frames: int, num_mel_bins: int | None = None) -> int:
+        """Tokens the encoder emits for a (frames, mel bins) filterbank: one per 16x16 patch."""
+        mel_bins = num_mel_bins if num_mel_bins is not None else self.num_mel_bins
+        return (num_fbank_frames // self.input_patch_size) * (mel_bins // self.input_patch_size)
+
+
+class MultimoodConfig(PreTrainedConfig):
+    """Composite configuration of MultiMood.
+
+    Sub-configs: `text_config` (Qwen2 family), `vision_config` (SigLIP vision), `audio_config`
+    (BEATs), `compressor_config` (Mamba or Mamba2; `None` disables the history compressor).
+    Token counts of each modality are pure functions of this config and the processed shapes:
+    see `num_video_tokens` and `num_audio_tokens`.
+    """
+
+    model_type = "multimood"
+
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_1_5B_INSTRUCT),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=SIGLIP_SO400M_PATCH14_384
+        ),
+        "audio_config": SubConfigSpec(config_class=BeatsConfig),
+        "compressor_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="mamba", init_kwargs=MAMBA_370M, optional=True
+        ),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    compressor_config: dict | PreTrainedConfig | None = field(
+        default_factory=lambda: {"model_type": "mamba", **MAMBA_370M}
+    )
+
+    mm_projector_type: Literal["stc_connector_v35", "mlp2x_gelu"] = "stc_connector_v35"
+    connector_downsample: list[int] | tuple[int, int, int] = (2, 2, 2)
+    connector_depth: int = 4
+    connector_mlp_depth: int = 2
+    mm_projector_a_type: Literal["linear", "mlp2x_gelu"] = "linear"
+    mm_vision_select_layer: int = -2
+    num_frames: int = 16
+    image_size: int = 384
+    image_aspect_ratio: Literal["pad", "none"] = "pad"
+    num_k_vid: int = 5
+    audio_num_windows: int = 8
+    audio_window_seconds: float = 2.0
+    audio_max_seconds: float = 30.0
+    audio_sampling_rate: int = 16000
+    history_max_tokens: int = 512
+    max_memory_slots: int | None = None
+    freeze_vision_tower: bool = True
+    freeze_audio_tower: bool = True
+
+    video_token_id: int = 151646
+    audio_token_id: int = 151647
+    history_token_id: int = 151648
+    mem_token_id: int = 151649
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.connector_downsample = tuple(self.connector_downsample)
+        self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
+        if self.mm_projector_type not in ("stc_connector_v35", "mlp2x_gelu"):
+            raise ValueError(f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}")
+        if self.mm_projector_a_type not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"mm_projector_a_type must be 'linear' or 'mlp2x_gelu', got {self.mm_projector_a_type!r}")
+        if self.compressor_config is not None and self.compressor_config.model_type not in ("mamba", "mamba2"):
+            raise ValueError(
+                f"compressor_config must be a Mamba or Mamba2 config, got model_type {self.compressor_config.model_type!r}"
+            )
+
+    @property
+    def vision_patches_per_side(self) -> int:
+        return self.image_size // self.vision_config.patch_size
+
+    def num_video_tokens(self, num_frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
+        """Video tokens the connector emits for one clip of `num_frames` frames of `height` x `width` pixels."""
+        num_frames = self.num_frames if num_frames is None else num_frames
+        patch = self.vision_config.patch_size
+        rows = (self.image_size if height is None else height) // patch
+        cols = (self.image_size if width is None else width) // patch
+        if self.mm_projector_type == "mlp2x_gelu":
+            return num_frames * rows * cols
+        time_stride, row_stride, col_stride = self.connector_downsample
+        return (num_frames // time_stride) * (rows // row_stride) * (cols // col_stride)
+
+    def num_audio_frames(self) -> int:
+        """Kaldi filterbank frames (25 ms window, 10 ms hop, snip edges) of the padded audio."""
+        samples = int(round(self.audio_max_seconds * self.audio_sampling_rate))
+        frame_length, hop_length = self.audio_sampling_rate * 25 // 1000, self.audio_sampling_rate // 100
+        return 1 + (samples - frame_length) // hop_length
+
+    def num_audio_tokens(self, num_fbank_frames: int | None = None, num_mel_bins: int | None = None) -> int:
+        """Audio tokens BEATs emits for a filterbank of `num_fbank_frames` x `num_mel_bins`."""
+        frames = self.num_audio_frames() if num_fbank_frames is None else num_fbank_frames
+        return self.audio_config.num_output_tokens(frames, num_mel_bins)
+
+
+__all__ = ["BeatsConfig", "MultimoodConfig"]
