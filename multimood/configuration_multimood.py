@@ -56,7 +56,8 @@ class BeatsConfig(PreTrainedConfig):
 
     The defaults are those of the `BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2` checkpoint: a 16x16
     patch embedding of the 128-bin filterbank, 12 deep-norm post-LN layers with gated relative
-    position bias shared by all layers, and a convolutional positional embedding.
+    position bias shared by all layers, and a convolutional positional embedding. The checkpoint's
+    AudioSet classifier (`predictor`) is not part of the encoder: MultiMood never uses it.
     """
 
     model_type = "multimood_beats"
@@ -85,7 +86,6 @@ class BeatsConfig(PreTrainedConfig):
     num_mel_bins: int = 128
     fbank_mean: float = 15.41663
     fbank_std: float = 6.55582
-    predictor_class: int | None = 527
     initializer_range: float = 0.02
 
     @property
@@ -166,8 +166,20 @@ class MultimoodConfig(PreTrainedConfig):
             )
 
     @property
-    def vision_patches_per_side(self) -> int:
-        return self.image_size // self.vision_config.patch_size
+    def _attn_implementation(self) -> str | None:
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None) -> None:
+        PreTrainedConfig._attn_implementation.fset(self, self.attention_dispatch(value))
+
+    @staticmethod
+    def attention_dispatch(value: str | dict | None) -> dict | None:
+        """A plain `attn_implementation` ("sdpa", "eager", "flash_attention_2") concerns the LLM and SigLIP only:
+        BEATs always runs SDPA with its relative-position bias and Mamba has no attention."""
+        if value is None or isinstance(value, dict):
+            return value
+        return {"": value, "text_config": value, "vision_config": value}
 
     def num_video_tokens(self, num_frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
         """Video tokens the connector emits for one clip of `num_frames` frames of `height` x `width` pixels."""

@@ -1,0 +1,34 @@
+"""MultiMood: multimodal emotional-support dialogue on Hugging Face transformers.
+
+Importing the package registers the configuration, the models and the processor with the Auto
+classes, and marks them for `register_for_auto_class` so that `save_pretrained` writes `auto_map`
+and copies the remote-code files.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM
+
+from .configuration_multimood import BeatsConfig, MultimoodConfig
+from .modeling_beats import BeatsModel
+from .modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MultimoodConfig.model_type, MultimoodConfig, exist_ok=True)
+AutoConfig.register(BeatsConfig.model_type, BeatsConfig, exist_ok=True)
+AutoModel.register(MultimoodConfig, MultimoodModel, exist_ok=True)
+AutoModel.register(BeatsConfig, BeatsModel, exist_ok=True)
+AutoModelForCausalLM.register(MultimoodConfig, MultimoodForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(MultimoodConfig, MultimoodForConditionalGeneration, exist_ok=True)
+
+MultimoodConfig.register_for_auto_class()
+MultimoodModel.register_for_auto_class("AutoModel")
+MultimoodForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "BeatsConfig",
+    "BeatsModel",
+    "MultimoodConfig",
+    "MultimoodForConditionalGeneration",
+    "MultimoodModel",
+    "MultimoodPreTrainedModel",
+]

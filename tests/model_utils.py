@@ -1,0 +1,97 @@
+"""Tiny random configurations of the real MultiMood architecture and inputs that match them."""
+
+from __future__ import annotations
+
+import torch
+
+from multimood import MultimoodConfig
+
+TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood special tokens fit below this
+
+
+def tiny_config(compressor: str | None = "mamba2", projector: str = "stc_connector_v35", **overrides) -> MultimoodConfig:
+    """A MultiMood config with every block of the published model, a few thousand parameters each."""
+    compressor_config = None
+    if compressor == "mamba2":
+        compressor_config = {
+            "model_type": "mamba2", "vocab_size": TINY_VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+            "expand": 2, "num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 16, "chunk_size": 32,
+        }
+    elif compressor == "mamba":
+        compressor_config = {
+            "model_type": "mamba", "vocab_size": TINY_VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+            "state_size": 8, "expand": 2,
+        }
+    kwargs = dict(
+        text_config={
+            "model_type": "qwen2", "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+            "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643,
+        },
+        vision_config={
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "image_size": 56, "patch_size": 14, "vision_use_head": False,
+        },
+        audio_config={
+            "embed_dim": 16, "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
+            "encoder_ffn_embed_dim": 64, "conv_pos": 8, "conv_pos_groups": 4, "num_buckets": 32, "max_distance": 64,
+        },
+        compressor_config=compressor_config,
+        mm_projector_type=projector,
+        connector_depth=1,
+        num_frames=4,
+        image_size=56,
+    )
+    kwargs.update(overrides)
+    return MultimoodConfig(**kwargs)
+
+
+TINY_FBANK_FRAMES = 48  # 3 x 8 patches of 16x16 -> 24 audio tokens
+
+
+def multimodal_batch(config: MultimoodConfig, layout: list[dict], seed: int = 0, padding_side: str = "right") -> dict:
+    """Token ids with placeholders and random media for samples described by `layout`.
+
+    Each entry: {"text": n_text_tokens, "video": bool, "audio": bool, "history": n_mem or 0}.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    video_tokens = config.num_video_tokens()
+    audio_tokens = config.num_audio_tokens(TINY_FBANK_FRAMES)
+    rows, videos, audios, histories = [], [], [], []
+    for sample in layout:
+        text = torch.randint(0, 151000, (sample["text"],), generator=generator).tolist()
+        ids = text[: len(text) // 2]
+        if sample.get("video"):
+            ids += [config.video_token_id] * video_tokens
+            videos.append(torch.randn(config.num_frames, 3, config.image_size, config.image_size, generator=generator))
+        if sample.get("audio"):
+            ids += [config.audio_token_id] * audio_tokens
+            audios.append(torch.randn(TINY_FBANK_FRAMES, 128, generator=generator) * 4 + 10)
+        if sample.get("history"):
+            ids += [config.history_token_id] * sample["history"]
+            history = []
+            for _ in range(sample["history"]):
+                history += torch.randint(0, 151000, (3,), generator=generator).tolist() + [config.mem_token_id]
+            histories.append(history)
+        rows.append(ids + text[len(text) // 2 :])
+    pad = config.text_config.pad_token_id
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row)
+        attention_mask[i, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    if audios:
+        batch["input_features"] = torch.stack(audios)
+    if histories:
+        hist_width = max(len(h) for h in histories)
+        batch["history_input_ids"] = torch.full((len(histories), hist_width), pad, dtype=torch.long)
+        batch["history_attention_mask"] = torch.zeros((len(histories), hist_width), dtype=torch.long)
+        for i, h in enumerate(histories):
+            batch["history_input_ids"][i, : len(h)] = torch.tensor(h)
+            batch["history_attention_mask"][i, : len(h)] = 1
+    return batch
