@@ -1,0 +1,29 @@
+# `make test` and `make quickstart` do all the set-up on a fresh clone: system packages, a virtualenv
+# with the pinned torch wheels, the project with its extras, then the job itself.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+EXTRAS ?= train,eval,test
+
+.PHONY: install test test-fast quickstart clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	command -v ffmpeg >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q ffmpeg)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info
