@@ -242,6 +242,8 @@ class BeatsEncoder(nn.Module):
 
     def __init__(self, config: BeatsConfig) -> None:
         super().__init__()
+        if config.deep_norm and config.layer_norm_first:
+            raise ValueError("deep_norm applies to post-LN layers only; set layer_norm_first=False")
         self.config = config
         self.pos_conv = BeatsPositionalConvEmbedding(config)
         self.layer_norm = nn.LayerNorm(config.encoder_embed_dim)
@@ -253,7 +255,6 @@ class BeatsEncoder(nn.Module):
             self.relative_attention_bias = nn.Embedding(config.num_buckets, config.encoder_attention_heads)
         else:
             self.relative_attention_bias = None
-        self.gradient_checkpointing = False
 
     def compute_position_bias(self, length: int) -> torch.Tensor:
         """(1, heads, length, length) bias; entry [h, i, j] depends on the distance j - i only."""
