@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from timm.layers import LayerNorm2d
 from timm.models.regnet import RegStage
 from torch import nn
@@ -243,6 +244,29 @@ class MultimoodModel(MultimoodPreTrainedModel):
         mask = self.get_placeholder_mask(input_ids, token_id, tokens_per_item, modality)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.to(inputs_embeds.dtype))
 
+    def _unused_blocks_term(self, pixel_values_videos, input_features, history_input_ids) -> torch.Tensor:
+        """Zero-valued output of every block this batch does not use.
+
+        In distributed training every rank must run the same blocks: ZeRO-3 gathers each block's
+        parameters collectively (a rank that skips a text-only batch's vision tower hangs the others)
+        and DDP expects a gradient for every trainable parameter. A minimal dummy input through each
+        unused block, scaled by zero, keeps all ranks in step without changing the result.
+        """
+        term = torch.zeros((), device=self.device, dtype=self.mm_projector_a_dtype)
+        if pixel_values_videos is None:
+            size = self.config.image_size
+            frames = self.config.connector_downsample[0] if self.config.mm_projector_type == "stc_connector_v35" else 1
+            dummy = torch.zeros(1, frames, 3, size, size, device=self.device)
+            term = term + self.get_video_features(dummy).sum() * 0
+        if input_features is None:
+            patch = self.config.audio_config.input_patch_size
+            dummy = torch.zeros(1, patch, self.config.audio_config.num_mel_bins, device=self.device)
+            term = term + self.get_audio_features(dummy).sum() * 0
+        if history_input_ids is None and self.mamba_compressor is not None:
+            dummy = torch.full((1, 1), self.config.mem_token_id, device=self.device)
+            term = term + self.get_history_features(dummy)[0].sum() * 0
+        return term.to(self.get_input_embeddings().weight.dtype)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -281,6 +305,9 @@ class MultimoodModel(MultimoodPreTrainedModel):
             inputs_embeds = self._merge(
                 inputs_embeds, input_ids, self.config.history_token_id, history_features, per_row.tolist(), "history"
             )
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            inputs_embeds = inputs_embeds + self._unused_blocks_term(pixel_values_videos, input_features, history_input_ids)
+
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             # Placeholders without their inputs would silently feed placeholder embeddings to the LLM.

@@ -301,3 +301,37 @@ def test_initialisation_is_complete():
     expected_a = torch.log(torch.arange(1, state + 1, dtype=torch.float32)).expand_as(mixer.A_log)
     torch.testing.assert_close(mixer.A_log.float(), expected_a)
     assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model = build().train()
+        ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        # Rank 0 sees every modality, rank 1 a text-only batch: both must run the same blocks.
+        layout = [ALL_MODALITIES[0]] if rank == 0 else [{"text": 10}]
+        for step in range(2):
+            batch = with_labels(multimodal_batch(model.config, layout, seed=step))
+            ddp(**batch).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({n: g is not None for n, g in grads.items()}, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_with_different_modalities_stay_in_step(tmp_path):
+    """A text-only batch on one rank and a multimodal batch on another: no hang, no DDP error."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        has_grad = torch.load(tmp_path / f"rank{rank}.pt")
+        assert all(has_grad.values()), [n for n, ok in has_grad.items() if not ok][:5]

@@ -1,0 +1,326 @@
+"""`multimood quickstart`: train a tiny MultiMood end to end on a fresh machine, with no downloads.
+
+1. writes a handful of short clips (a drawn face that nods and talks, with a voice-like tone track;
+   one clip has no audio track) with PyAV into `DIR/data/videos`,
+2. copies the sample dialogues shipped with the package (`multimood/sample_data/dialogues.jsonl`),
+3. trains a small byte-level BPE tokenizer on them with `tokenizers` (Qwen2-style specials), unless
+   `--tokenizer PATH` names a real one,
+4. builds a tiny random MultiMood (every block of the published architecture, a few hundred thousand
+   parameters; 4 frames of 56 px) and trains it a few dozen steps with the real `Trainer`,
+5. saves the complete model folder as `DIR`, reloads it with `AutoModelForCausalLM` / `AutoProcessor`
+   (`trust_remote_code=True`) and prints the prediction of one record as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# (file name, seconds, hue, has audio, pitch Hz)
+SAMPLE_CLIPS = [
+    ("clip_a.mp4", 2.0, (220, 180, 150), True, 140.0),
+    ("clip_b.mp4", 2.5, (200, 160, 130), True, 210.0),
+    ("clip_c.mp4", 1.5, (180, 140, 120), False, 0.0),
+    ("clip_d.mp4", 2.0, (235, 200, 170), True, 110.0),
+    ("clip_e.mp4", 3.0, (190, 150, 110), True, 180.0),
+]
+
+
+def tiny_model_config(vocab_size: int, num_frames: int = 4, image_size: int = 56) -> dict:
+    """MultimoodConfig kwargs of a tiny random model (the architecture of tests/model_utils.py)."""
+    return {
+        "text_config": {
+            "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+            "max_position_embeddings": 4096,
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": image_size, "patch_size": 14, "vision_use_head": False,
+        },
+        "audio_config": {
+            "embed_dim": 16, "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
+            "encoder_ffn_embed_dim": 64, "conv_pos": 8, "conv_pos_groups": 4, "num_buckets": 32, "max_distance": 64,
+        },
+        "compressor_config": {
+            "model_type": "mamba2", "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2,
+            "expand": 2, "num_heads": 4, "head_dim": 16, "n_groups": 1, "state_size": 16, "chunk_size": 32,
+        },
+        "connector_depth": 1,
+        "audio_num_windows": 2,  # 2 windows of 2 s padded to 4 s: 24 x 8 audio tokens instead of 187 x 8
+        "audio_max_seconds": 4.0,
+        "num_frames": num_frames,
+        "image_size": image_size,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample media
+# ----------------------------------------------------------------------------------------------
+
+
+def _face_frame(t: float, width: int, height: int, skin: tuple[int, int, int], talking: float) -> np.ndarray:
+    """An RGB frame: a face (head, eyes, blinking, a mouth that opens with the voice) that sways."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[...] = (40 + 20 * math.sin(t), 60, 90)
+    cx = width / 2 + width * 0.08 * math.sin(2 * math.pi * 0.7 * t)
+    cy = height / 2 + height * 0.04 * math.sin(2 * math.pi * 1.1 * t)
+    rx, ry = width * 0.3, height * 0.38
+    head = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    frame[head] = skin
+    blink = 0.15 if (t % 1.7) < 0.12 else 1.0
+    for side in (-1, 1):
+        ex, ey = cx + side * rx * 0.4, cy - ry * 0.25
+        eye = ((xx - ex) / (rx * 0.13)) ** 2 + ((yy - ey) / (ry * 0.09 * blink)) ** 2 <= 1
+        frame[eye] = (30, 30, 40)
+    mouth_open = 0.03 + 0.12 * talking
+    mouth = ((xx - cx) / (rx * 0.35)) ** 2 + ((yy - (cy + ry * 0.45)) / (ry * mouth_open)) ** 2 <= 1
+    frame[mouth] = (120, 30, 40)
+    return frame
+
+
+def _voice(seconds: float, rate: int, pitch: float, seed: int) -> np.ndarray:
+    """A voice-like signal: a harmonic tone with vibrato, gated into syllables, plus a little breath noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = pitch * (1 + 0.05 * np.sin(2 * np.pi * 5 * t) + 0.08 * np.sin(2 * np.pi * 0.5 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    tone = sum(np.sin(k * phase) / k for k in range(1, 6))
+    syllables = np.clip(np.sin(2 * np.pi * 3.2 * t + rng.uniform(0, 6)) * 1.5, 0, 1)
+    signal = 0.25 * tone * syllables + 0.01 * rng.standard_normal(t.shape)
+    return signal.astype(np.float32)
+
+
+def write_clip(path: Path, seconds: float, skin=(220, 180, 150), audio: bool = True, pitch: float = 150.0,
+               size: int = 64, fps: int = 12, sample_rate: int = 16000, seed: int = 0) -> Path:
+    """Write one talking-face clip (H.264 video, AAC mono audio unless `audio=False`) with PyAV."""
+    import av  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    voice = _voice(seconds, sample_rate, pitch, seed) if audio else None
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"g": str(fps), "preset": "ultrafast"}
+        audio_stream = None
+        if audio:
+            audio_stream = container.add_stream("aac", rate=sample_rate)
+            audio_stream.layout = "mono"
+        for i in range(int(seconds * fps)):
+            t = i / fps
+            talking = 0.0
+            if voice is not None:
+                window = voice[int(t * sample_rate): int((t + 1 / fps) * sample_rate)]
+                talking = float(min(1.0, np.abs(window).mean() * 8)) if window.size else 0.0
+            frame = av.VideoFrame.from_ndarray(_face_frame(t, size, size, skin, talking), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio_stream is not None:
+            chunk = 1024
+            samples = voice
+            for start in range(0, len(samples), chunk):
+                piece = samples[start: start + chunk][None, :]
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="flt", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                for packet in audio_stream.encode(frame):
+                    container.mux(packet)
+            for packet in audio_stream.encode():
+                container.mux(packet)
+    return path
+
+
+def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the sample clips and dialogues; returns (records file, video folder)."""
+    data_dir = Path(data_dir)
+    video_dir = data_dir / "videos"
+    for seed, (name, seconds, skin, audio, pitch) in enumerate(SAMPLE_CLIPS):
+        write_clip(video_dir / name, seconds, skin, audio, pitch or 150.0, seed=seed)
+    records = data_dir / "dialogues.jsonl"
+    source = resources.files("multimood").joinpath("sample_data/dialogues.jsonl")
+    records.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return records, video_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def _tokenizer_corpus(records: list[dict]) -> list[str]:
+    try:
+        from .processing_multimood import DEFAULT_SYSTEM_PROMPT, LABEL_SETS  # noqa: PLC0415
+
+        labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
+    except ImportError:
+        DEFAULT_SYSTEM_PROMPT, labels = "", []
+    texts = [DEFAULT_SYSTEM_PROMPT, *labels, "Problem type: Situation: Client's video and voice: Earlier conversation (memory):",
+             "Client emotion: Therapist emotion: Strategy: Response: Client: Therapist:",
+             "Answer in exactly four lines: one of the labels, the therapist's reply."]
+    for record in records:
+        for value in record.values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list):
+                for item in value:
+                    texts.append(item["content"] if isinstance(item, dict) else str(item))
+    return texts
+
+
+def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_size: int = 1200):
+    """A small byte-level BPE tokenizer (Qwen2-style specials) trained on the sample dialogues."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    corpus = _tokenizer_corpus(records)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.model.save(str(output_dir))  # vocab.json + merges.txt
+    vocab = json.loads((output_dir / "vocab.json").read_text())
+    added = {}
+    for token in SPECIAL_TOKENS:
+        added[str(len(vocab) + len(added))] = {
+            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+        }
+    (output_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": False, "errors": "replace", "model_max_length": 32768,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "added_tokens_decoder": added,
+    }, indent=2))
+    return AutoTokenizer.from_pretrained(str(output_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# The quickstart
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimood quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (data goes to DIR/data)")
+    parser.add_argument("--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one")
+    parser.add_argument("--max_steps", type=int, default=60)
+    parser.add_argument("--learning_rate", type=float, default=5e-3)
+    parser.add_argument("--num_frames", type=int, default=4)
+    parser.add_argument("--image_size", type=int, default=56)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", default=None, help="where the sample data goes (default DIR/data)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: PLC0415
+
+    from . import train as multimood_train  # noqa: PLC0415
+
+    start = time.time()
+    output_dir = Path(args.output_dir).resolve()
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else output_dir / "data"
+    if output_dir.exists():
+        for child in output_dir.iterdir():  # keep DIR/data if it is there; refresh everything else
+            if child.resolve() != data_dir:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    print(f"[quickstart] writing sample clips and dialogues to {data_dir}", flush=True)
+    records_path, video_dir = write_sample_data(data_dir)
+    records = multimood_train.read_records(records_path)
+    if args.tokenizer:
+        tokenizer_path = args.tokenizer
+    else:
+        tokenizer_path = str(data_dir / "tokenizer")
+        tokenizer = train_tokenizer(records, tokenizer_path)
+        print(f"[quickstart] trained a byte-level BPE tokenizer ({len(tokenizer)} tokens)", flush=True)
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_path)) + 4  # + <video> <audio> <history> <MEM>
+    vocab_size = -(-vocab_size // 8) * 8
+    model_config = tiny_model_config(vocab_size, args.num_frames, args.image_size)
+    checkpoints = output_dir / "checkpoints"
+    argv = [
+        "--model_config", json.dumps(model_config),
+        "--tokenizer_path", tokenizer_path,
+        "--data_path", str(records_path),
+        "--vid_folder", str(video_dir),
+        "--num_frames", str(args.num_frames),
+        "--image_size", str(args.image_size),
+        "--num_k_vid", "2",
+        "--k_turn_history", "2",
+        "--output_dir", str(output_dir),
+        "--max_steps", str(args.max_steps),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--warmup_ratio", "0.1",
+        "--lr_scheduler_type", "cosine",
+        "--weight_decay", "0.0",
+        "--logging_steps", "5",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--model_max_length", "1024",
+        "--seed", str(args.seed),
+        "--dataloader_num_workers", "0",
+        "--disable_tqdm", "False",
+    ]
+    print(f"[quickstart] training a tiny MultiMood for {args.max_steps} steps", flush=True)
+    trainer, result = multimood_train.main(argv)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    del trainer
+    if checkpoints.exists():
+        shutil.rmtree(checkpoints)
+
+    print(f"[quickstart] reloading {output_dir} with AutoModelForCausalLM / AutoProcessor", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(str(output_dir), trust_remote_code=True)
+    model.eval()
+    record = records[0]
+    inputs = processor(records=[record], video_folder=str(video_dir))
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+    prediction = processor.post_process_output(generated[:, inputs["input_ids"].shape[1]:])[0]
+    summary = {
+        "output_dir": str(output_dir),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_runtime_s": round(result.metrics.get("train_runtime", float("nan")), 1),
+        "wall_time_s": round(time.time() - start, 1),
+        "record": {"Dialogue_ID": record.get("Dialogue_ID"), "client": " ".join(record["utt_user_most_recent"])},
+        "prediction": {k: prediction.get(k) for k in ("client_emotion", "therapist_emotion", "strategy", "response")},
+    }
+    print(json.dumps(summary, indent=2, ensure_ascii=False), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
