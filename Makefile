@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	command -v ffmpeg >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q ffmpeg)
+	command -v ffmpeg >/dev/null && [ -f /usr/share/wordnet/data.noun ] || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends ffmpeg wordnet-base wordnet-sense-index)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@

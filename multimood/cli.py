@@ -1,34 +1,36 @@
-"""`multimood` console command: `multimood quickstart [...]` and `multimood train [...]`."""
+"""`multimood` console command: one entry point, a subcommand per job."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = """usage: multimood <command> [options]
+COMMANDS = {
+    "quickstart": ("multimood.quickstart", "main", "generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)"),
+    "train": ("multimood.train", "main", "supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)"),
+    "data": ("multimood.dataset_builder", "main", "convert MESC / ESConv to the record JSONL, validate record files"),
+    "evaluate": ("multimood.evaluation", "main", "paper-compatible and strict metrics of a predictions JSONL"),
+}
 
-commands:
-  quickstart   generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)
-  train        supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)
-"""
+
+def usage() -> str:
+    lines = ["usage: multimood <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11}  {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "quickstart":
-        from .quickstart import main as quickstart_main
-
-        return quickstart_main(rest)
-    if command == "train":
-        from .train import main as train_main
-
-        train_main(rest)
-        return 0
-    print(f"multimood: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"multimood: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[command]
+    result = getattr(importlib.import_module(module_name), function_name)(rest)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
