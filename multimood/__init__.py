@@ -5,11 +5,22 @@ classes, and marks them for `register_for_auto_class` so that `save_pretrained` 
 and copies the remote-code files.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+    AutoVideoProcessor,
+)
 
 from .configuration_multimood import BeatsConfig, MultimoodConfig
 from .modeling_beats import BeatsModel
+from .feature_extraction_multimood import MultimoodFeatureExtractor
 from .modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
+from .processing_multimood import MultimoodDataCollator, MultimoodProcessor, parse_output
+from .video_processing_multimood import MultimoodVideoProcessor
 
 __version__ = "0.1.0"
 
@@ -19,6 +30,9 @@ AutoModel.register(MultimoodConfig, MultimoodModel, exist_ok=True)
 AutoModel.register(BeatsConfig, BeatsModel, exist_ok=True)
 AutoModelForCausalLM.register(MultimoodConfig, MultimoodForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(MultimoodConfig, MultimoodForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(MultimoodConfig, MultimoodProcessor, exist_ok=True)
+AutoVideoProcessor.register(MultimoodConfig, MultimoodVideoProcessor, exist_ok=True)
+AutoFeatureExtractor.register(MultimoodConfig, MultimoodFeatureExtractor, exist_ok=True)
 
 MultimoodConfig.register_for_auto_class()
 MultimoodModel.register_for_auto_class("AutoModel")
@@ -27,8 +41,13 @@ MultimoodForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM"
 __all__ = [
     "BeatsConfig",
     "BeatsModel",
+    "MultimoodDataCollator",
+    "MultimoodFeatureExtractor",
+    "MultimoodProcessor",
+    "MultimoodVideoProcessor",
     "MultimoodConfig",
     "MultimoodForConditionalGeneration",
     "MultimoodModel",
     "MultimoodPreTrainedModel",
+    "parse_output",
 ]

@@ -1,0 +1,1063 @@
+"""MultiMood processor: one record of a counselling session -> the model's inputs.
+
+`MultimoodProcessor` bundles the video processor (SigLIP frames of up to `num_k_vid` client clips),
+the feature extractor (BEATs filterbank of the same clips' audio) and the Qwen2 tokenizer, and owns
+the single prompt builder that training, inference and evaluation share.
+
+Prompt (rendered with the processor's chat template, ChatML by default)::
+
+    <|im_start|>system
+    {system_prompt}<|im_end|>
+    <|im_start|>user                      \
+    {client turn}<|im_end|>                | the last `k_turn_history` exchanges of `history_chat`
+    <|im_start|>assistant                  | (consecutive messages of one speaker merged into a turn)
+    {therapist turn}<|im_end|>            /
+    <|im_start|>user
+    Problem type: {problem_type}
+    Situation: {situation}
+    Client's video and voice: <video><audio>          (only when the record has clips / audio)
+    Earlier conversation (memory): <history>          (only when there is history for the compressor)
+    Client: {utt_user_most_recent joined by spaces}
+
+    {instructions naming the label sets and the four-line answer format}<|im_end|>
+    <|im_start|>assistant
+    Client emotion: {get_emotion_user_most_recent}
+    Therapist emotion: {Emotion}
+    Strategy: {Strategy}
+    Response: {Utterance joined by spaces}<|im_end|>
+
+An *exchange* is a client turn together with the therapist turn that answers it. After merging
+consecutive messages of one speaker into turns, every client turn opens a new exchange and the
+therapist turn that follows closes it; a therapist turn at the very start of the history (no
+client turn before it) is an exchange of its own, and so is a trailing client turn that has no
+answer yet. `k_turn_history=k` keeps the last `k` exchanges; `k=0` keeps none.
+
+Placeholders are expanded on token ids: `<video>` becomes `video_processor.num_video_tokens(T, H, W)`
+copies (from the processed `pixel_values_videos`), `<audio>` `feature_extractor.num_audio_tokens(F,
+M)` copies (from `input_features`), `<history>` one copy per `<MEM>` token of the sample's compressor
+input. Length limit: `model_max_length` (2048 by default) counts the text tokens of the expanded
+prompt plus the target, including the `<history>` copies; the `<video>`/`<audio>` copies come on top
+of it (the published recipe: "model_max_length 2048 (text; media tokens come on top)"), unless
+`max_length_includes_media=True`. When a sample is too long the oldest chat-history exchanges are
+dropped first, then the oldest compressor utterances (each frees one `<history>` slot); the target,
+the client's utterance and the media blocks are never cut; a sample that still does not fit raises a
+`MultimoodRecordError` naming the record.
+
+This file is Hub remote code: it imports only public transformers API and sibling modules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .feature_extraction_multimood import MultimoodFeatureExtractor
+from .video_processing_multimood import MultimoodVideoProcessor
+
+VIDEO_TOKEN = "<video>"
+AUDIO_TOKEN = "<audio>"
+HISTORY_TOKEN = "<history>"
+MEM_TOKEN = "<MEM>"
+MULTIMOOD_SPECIAL_TOKENS = (VIDEO_TOKEN, AUDIO_TOKEN, HISTORY_TOKEN, MEM_TOKEN)
+IGNORE_INDEX = -100
+
+# Label sets (data, not code). MESC spellings follow the records (lower case).
+MESC_EMOTIONS = ["anger", "sadness", "disgust", "depression", "neutral", "joy", "fear"]
+MESC_STRATEGIES = [
+    "open question",
+    "approval",
+    "self-disclosure",
+    "restatement",
+    "interpretation",
+    "advisement",
+    "communication skills",
+    "structuring the therapy",
+    "guiding the pace and depth of the conversation",
+    "others",
+]
+# ESConv: the 8 supporter strategies as spelled in ESConv's dialog files, and the seekers'
+# `emotion_type` values (ESConv has no per-turn emotion labels of its own).
+ESCONV_STRATEGIES = [
+    "Question",
+    "Restatement or Paraphrasing",
+    "Reflection of feelings",
+    "Self-disclosure",
+    "Affirmation and Reassurance",
+    "Providing Suggestions",
+    "Information",
+    "Others",
+]
+ESCONV_EMOTIONS = [
+    "anxiety",
+    "depression",
+    "sadness",
+    "anger",
+    "fear",
+    "disgust",
+    "shame",
+    "nervousness",
+    "guilt",
+    "jealousy",
+    "pain",
+]
+LABEL_SETS = {
+    "mesc": {"emotion_labels": MESC_EMOTIONS, "strategy_labels": MESC_STRATEGIES},
+    "esconv": {"emotion_labels": ESCONV_EMOTIONS, "strategy_labels": ESCONV_STRATEGIES},
+}
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a supportive, professional counsellor assistant. You follow a counselling session between a "
+    "client and a therapist: the conversation so far and the client's latest words, face and voice. You "
+    "recognise the client's emotion, choose the emotion and the strategy the therapist should respond "
+    "with, and write the therapist's reply: warm, honest and respectful, in the client's own terms, never "
+    "judging, manipulating or causing harm."
+)
+
+# Qwen2-style ChatML. Message content may be a string or a list of parts:
+# {"type": "text", "text": ...}, {"type": "video"}, {"type": "audio"}, {"type": "history"}.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<video>' -}}"
+    "{%- elif part['type'] == 'audio' -%}{{- '<audio>' -}}"
+    "{%- elif part['type'] == 'history' -%}{{- '<history>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Answer lines: (output key, canonical prefix, accepted prefixes, lower case without the colon).
+_ANSWER_FIELDS = (
+    ("client_emotion", "Client emotion", ("client emotion", "client's emotion", "client’s emotion")),
+    ("therapist_emotion", "Therapist emotion", ("therapist emotion", "therapist's emotion", "therapist’s emotion")),
+    ("strategy", "Strategy", ("strategy", "therapist strategy", "therapist's strategy", "therapist’s strategy")),
+    ("response", "Response", ("response", "therapist response", "therapist's response", "therapist’s response")),
+)
+_ANSWER_LINE = re.compile(
+    r"^\s*[*#>\-\s]*(?P<key>"
+    + "|".join(sorted({re.escape(p) for _, _, ps in _ANSWER_FIELDS for p in ps}, key=len, reverse=True))
+    + r")\s*[*]*\s*:\s*(?P<value>.*)$",
+    re.IGNORECASE,
+)
+_PREFIX_TO_KEY = {p: key for key, _, ps in _ANSWER_FIELDS for p in ps}
+_TRAILING_SPECIALS = re.compile(r"(<\|im_end\|>|<\|endoftext\|>|<\|im_start\|>).*$", re.DOTALL)
+_SPEAKER_PREFIX = re.compile(r"^\s*(client|therapist)\s*:\s?", re.IGNORECASE)
+_ROLE_TO_SPEAKER = {"user": "client", "client": "client", "assistant": "therapist", "therapist": "therapist"}
+_SPEAKER_NAME = {"client": "Client", "therapist": "Therapist"}
+_RESERVED_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") + MULTIMOOD_SPECIAL_TOKENS
+
+
+class MultimoodRecordError(ValueError):
+    """A record that cannot be turned into model inputs; the message names the record and the field."""
+
+    def __init__(self, record_name: str, field: str | None, problem: str):
+        self.record_name = record_name
+        self.field = field
+        where = f"{record_name}, field '{field}'" if field else record_name
+        super().__init__(f"{where}: {problem}")
+
+
+def record_name(record: Any, index: int | None = None) -> str:
+    """`record 3 (Dialogue_ID=48)`: how errors refer to a record."""
+    parts = []
+    if index is not None:
+        parts.append(f"record {index}")
+    if isinstance(record, dict) and record.get("Dialogue_ID") is not None:
+        parts.append(f"(Dialogue_ID={record['Dialogue_ID']})" if parts else f"Dialogue_ID={record['Dialogue_ID']}")
+    return " ".join(parts) if parts else "record"
+
+
+def _neutralise(text: str) -> str:
+    """Record text never smuggles in control or placeholder tokens: `<video>` becomes `< video>`."""
+    for token in _RESERVED_TEXT:
+        if token in text:
+            text = text.replace(token, "< " + token[1:])
+    return text
+
+
+def _canonical(value: str | None, labels: Sequence[str] | None) -> str | None:
+    """The label set's spelling of `value` when it names one of `labels` (case and spacing ignored)."""
+    if value is None or not labels:
+        return value
+    key = " ".join(value.lower().split()).rstrip(".")
+    for label in labels:
+        if " ".join(label.lower().split()) == key:
+            return label
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets and their parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def format_answer(client_emotion: str, therapist_emotion: str, strategy: str, response: str) -> str:
+    """The four-line answer the model is trained to generate."""
+    values = (client_emotion, therapist_emotion, strategy, response)
+    return "\n".join(f"{prefix}: {' '.join(str(v).split())}" for (_, prefix, _), v in zip(_ANSWER_FIELDS, values))
+
+
+def parse_output(
+    text: str, emotion_labels: Sequence[str] | None = None, strategy_labels: Sequence[str] | None = None
+) -> dict[str, str | None]:
+    """Parse a generated answer into `client_emotion`, `therapist_emotion`, `strategy`, `response`.
+
+    Lines are matched by their prefix (case-insensitive; the published `Client's emotion:` /
+    `Therapist's strategy:` / `Therapist's response:` spellings are accepted too). A field that is
+    missing or empty is `None`; nothing is silently dropped. The response runs from its line to
+    the end of the text (or to the next answer line). When label lists are given, a value naming
+    one of them is returned in the list's spelling; any other value is returned as written.
+    """
+    result: dict[str, str | None] = {key: None for key, _, _ in _ANSWER_FIELDS}
+    if text is None:
+        return result
+    text = _TRAILING_SPECIALS.sub("", text)
+    current = None
+    buffers: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        match = _ANSWER_LINE.match(line)
+        if match:
+            current = _PREFIX_TO_KEY[match.group("key").lower()]
+            if current in buffers:  # a repeated field: keep the first answer
+                current = "__ignored__"
+            buffers[current] = [match.group("value")]
+        elif current == "response":
+            buffers[current].append(line)
+    for key, _, _ in _ANSWER_FIELDS:
+        if key in buffers:
+            value = " ".join(" ".join(buffers[key]).split()) if key != "response" else "\n".join(buffers[key]).strip()
+            if key != "response":
+                value = value.strip().strip("*").strip()
+            result[key] = value or None
+    result["client_emotion"] = _canonical(result["client_emotion"], emotion_labels)
+    result["therapist_emotion"] = _canonical(result["therapist_emotion"], emotion_labels)
+    result["strategy"] = _canonical(result["strategy"], strategy_labels)
+    return result
+
+
+def _join(value: Any, record: Any, index: int | None, field_name: str, required: bool = True) -> str | None:
+    """A list of text fragments (or one string) joined with spaces."""
+    if value is None:
+        if required:
+            raise MultimoodRecordError(record_name(record, index), field_name, "is missing")
+        return None
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, (list, tuple)):
+        for i, fragment in enumerate(value):
+            if not isinstance(fragment, str):
+                raise MultimoodRecordError(
+                    record_name(record, index), field_name, f"item {i} is {type(fragment).__name__}, expected str"
+                )
+        return " ".join(" ".join(value).split())
+    raise MultimoodRecordError(
+        record_name(record, index), field_name, f"is {type(value).__name__}, expected a list of str or a str"
+    )
+
+
+def _label_value(record: dict, index: int | None, field_name: str) -> str:
+    value = record.get(field_name)
+    if value is None:
+        raise MultimoodRecordError(record_name(record, index), field_name, "is missing (needed for the target)")
+    if not isinstance(value, str) or not value.strip():
+        raise MultimoodRecordError(
+            record_name(record, index), field_name, f"must be a non-empty str, got {value!r}"
+        )
+    return " ".join(value.split())
+
+
+def format_target(
+    record: dict,
+    emotion_labels: Sequence[str] | None = None,
+    strategy_labels: Sequence[str] | None = None,
+    index: int | None = None,
+) -> str:
+    """The four-line target of a record (labels in the label set's spelling when lists are given)."""
+    if not isinstance(record, dict):
+        raise MultimoodRecordError(record_name(record, index), None, f"is {type(record).__name__}, expected a dict")
+    client_emotion = _canonical(_label_value(record, index, "get_emotion_user_most_recent"), emotion_labels)
+    therapist_emotion = _canonical(_label_value(record, index, "Emotion"), emotion_labels)
+    strategy = _canonical(_label_value(record, index, "Strategy"), strategy_labels)
+    response = _join(record.get("Utterance"), record, index, "Utterance")
+    if not response:
+        raise MultimoodRecordError(record_name(record, index), "Utterance", "is empty (needed for the target)")
+    return format_answer(client_emotion, therapist_emotion, strategy, _neutralise(response))
+
+
+# ----------------------------------------------------------------------------------------------
+# History
+# ----------------------------------------------------------------------------------------------
+
+
+def history_messages(record: dict, index: int | None = None) -> list[tuple[str, str]]:
+    """`history_chat` as `(speaker, text)` messages, speaker in {"client", "therapist"}.
+
+    Accepts `{"role", "content"}` dicts (user/client = client, assistant/therapist = therapist) and
+    strings, optionally prefixed `Client: ` / `Therapist: `; an unprefixed string is spoken by the
+    other speaker than the message before it (the first one by the client), so plain strings
+    alternate starting with the client. Empty messages are skipped.
+    """
+    history = record.get("history_chat")
+    name = record_name(record, index)
+    if history is None:
+        return []
+    if isinstance(history, str):
+        history = [history]
+    if not isinstance(history, (list, tuple)):
+        raise MultimoodRecordError(name, "history_chat", f"is {type(history).__name__}, expected a list")
+    messages: list[tuple[str, str]] = []
+    previous = "therapist"
+    for i, message in enumerate(history):
+        if isinstance(message, dict):
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str) or role.lower() not in _ROLE_TO_SPEAKER:
+                raise MultimoodRecordError(
+                    name, "history_chat", f"message {i} has role {role!r}; expected 'user' (client) or 'assistant' (therapist)"
+                )
+            if not isinstance(content, str):
+                raise MultimoodRecordError(
+                    name, "history_chat", f"message {i} has content of type {type(content).__name__}, expected str"
+                )
+            speaker = _ROLE_TO_SPEAKER[role.lower()]
+        elif isinstance(message, str):
+            match = _SPEAKER_PREFIX.match(message)
+            if match:
+                speaker, content = match.group(1).lower(), message[match.end():]
+            else:
+                speaker = "client" if previous == "therapist" else "therapist"
+                content = message
+        else:
+            raise MultimoodRecordError(
+                name, "history_chat", f"message {i} is {type(message).__name__}, expected a dict or a str"
+            )
+        content = " ".join(content.split())
+        previous = speaker
+        if content:
+            messages.append((speaker, content))
+    return messages
+
+
+def merge_turns(messages: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Consecutive messages of one speaker joined (with spaces) into one turn."""
+    turns: list[tuple[str, str]] = []
+    for speaker, text in messages:
+        if turns and turns[-1][0] == speaker:
+            turns[-1] = (speaker, turns[-1][1] + " " + text)
+        else:
+            turns.append((speaker, text))
+    return turns
+
+
+def group_exchanges(turns: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Turns grouped into exchanges: a client turn and the therapist turn answering it (see module doc)."""
+    exchanges: list[list[tuple[str, str]]] = []
+    for turn in turns:
+        if turn[0] == "client" or not exchanges or exchanges[-1][-1][0] == "therapist":
+            exchanges.append([turn])
+        else:
+            exchanges[-1].append(turn)
+    return exchanges
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer preparation
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_tokenizer(tokenizer, chat_template: str | None = None):
+    """Add `<video> <audio> <history> <MEM>` as special tokens, a pad token and the chat template.
+
+    Idempotent. With the Qwen2 vocabulary the four tokens get ids 151646..151649 (the model
+    config's defaults). Returns the tokenizer.
+    """
+    missing = [t for t in MULTIMOOD_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(list(missing), special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    if chat_template is not None or not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The processor
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    index: int
+    record: dict
+    name: str
+    clips: list[str]
+    clip_offset: int = 0  # position in the record's clip list of the first clip used
+    has_video: bool = False
+    has_audio: bool = False
+    history_utterances: list[list[int]] = field(default_factory=list)  # token ids, each ending with <MEM>
+    exchanges: list[list[tuple[str, str]]] = field(default_factory=list)
+    target: str | None = None
+
+
+class MultimoodProcessor(ProcessorMixin):
+    r"""Processor of MultiMood: video processor + feature extractor + Qwen2 tokenizer + chat template.
+
+    Args:
+        video_processor ([`MultimoodVideoProcessor`]): frames of the client's clips.
+        feature_extractor ([`MultimoodFeatureExtractor`]): filterbank of the clips' audio.
+        tokenizer: a Qwen2 tokenizer prepared with [`prepare_tokenizer`] (the four special tokens).
+        chat_template (`str`, *optional*): Jinja chat template; ChatML when `None`. Saved as
+            `chat_template.jinja`; replace the file (or pass another template) to change the layout.
+        label_set (`str`, *optional*, defaults to `"mesc"`): `"mesc"` or `"esconv"`; picks the default
+            `emotion_labels` / `strategy_labels`.
+        emotion_labels, strategy_labels (`list[str]`, *optional*): explicit label sets (take priority).
+        k_turn_history (`int`, defaults to 7): chat-history exchanges kept in the prompt.
+        model_max_length (`int`, defaults to 2048): text-token budget of a sample (see module doc).
+        max_length_includes_media (`bool`, defaults to `False`): count `<video>`/`<audio>` copies too.
+        history_max_tokens (`int`, defaults to 512): compressor input length limit.
+        max_memory_slots (`int`, *optional*): at most this many `<MEM>` (most recent utterances).
+        system_prompt (`str`, *optional*): the system message.
+    """
+
+    def __init__(
+        self,
+        video_processor=None,
+        feature_extractor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        label_set: str = "mesc",
+        emotion_labels: list[str] | None = None,
+        strategy_labels: list[str] | None = None,
+        k_turn_history: int = 7,
+        model_max_length: int = 2048,
+        max_length_includes_media: bool = False,
+        history_max_tokens: int = 512,
+        max_memory_slots: int | None = None,
+        system_prompt: str | None = None,
+        **kwargs,
+    ):
+        if label_set not in LABEL_SETS:
+            raise ValueError(f"label_set must be one of {sorted(LABEL_SETS)}, got {label_set!r}")
+        self.label_set = label_set
+        self.emotion_labels = list(emotion_labels) if emotion_labels else list(LABEL_SETS[label_set]["emotion_labels"])
+        self.strategy_labels = (
+            list(strategy_labels) if strategy_labels else list(LABEL_SETS[label_set]["strategy_labels"])
+        )
+        if k_turn_history is None or int(k_turn_history) < 0:
+            raise ValueError(f"k_turn_history must be >= 0, got {k_turn_history!r}")
+        self.k_turn_history = int(k_turn_history)
+        self.model_max_length = int(model_max_length)
+        self.max_length_includes_media = bool(max_length_includes_media)
+        self.history_max_tokens = int(history_max_tokens)
+        self.max_memory_slots = None if max_memory_slots is None else int(max_memory_slots)
+        self.system_prompt = system_prompt if system_prompt is not None else DEFAULT_SYSTEM_PROMPT
+        if tokenizer is not None:
+            prepare_tokenizer(tokenizer)
+        super().__init__(
+            video_processor, feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs
+        )
+        if tokenizer is not None and isinstance(self.chat_template, str):
+            # one template: `tokenizer.apply_chat_template` renders exactly what the processor renders
+            tokenizer.chat_template = self.chat_template
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer_or_path,
+        video_processor: MultimoodVideoProcessor | None = None,
+        feature_extractor: MultimoodFeatureExtractor | None = None,
+        chat_template: str | None = None,
+        **kwargs,
+    ) -> "MultimoodProcessor":
+        """Build a processor from a plain tokenizer (object or folder, e.g. a Qwen2 checkpoint).
+
+        Adds the special tokens, the pad token and the chat template, and uses default
+        [`MultimoodVideoProcessor`] / [`MultimoodFeatureExtractor`] unless given. `kwargs` are
+        processor attributes (`label_set`, `k_turn_history`, `model_max_length`, ...).
+        """
+        if isinstance(tokenizer_or_path, (str, bytes)) or hasattr(tokenizer_or_path, "__fspath__"):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_or_path), trust_remote_code=True)
+        else:
+            tokenizer = tokenizer_or_path
+        prepare_tokenizer(tokenizer, chat_template)
+        return cls(
+            video_processor=video_processor if video_processor is not None else MultimoodVideoProcessor(),
+            feature_extractor=feature_extractor if feature_extractor is not None else MultimoodFeatureExtractor(),
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the parts with their own classes (siblings of this file), so that neither an Auto
+        registration nor a second remote-code prompt is needed for the video processor and the feature
+        extractor; the tokenizer goes through `AutoTokenizer`."""
+        kwargs.pop("_from_auto", None)
+        kwargs.pop("_from_pipeline", None)
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
+        subfolder = kwargs.pop("subfolder", "")
+        parts = []
+        for name in cls.get_attributes():
+            if name == "tokenizer":
+                parts.append(
+                    AutoTokenizer.from_pretrained(
+                        pretrained_model_name_or_path, subfolder=subfolder, trust_remote_code=trust_remote_code, **kwargs
+                    )
+                )
+            else:
+                part_class = {"video_processor": MultimoodVideoProcessor, "feature_extractor": MultimoodFeatureExtractor}[name]
+                parts.append(part_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs))
+        return parts
+
+    # ------------------------------------------------------------------ token ids
+
+    video_token = VIDEO_TOKEN
+    audio_token = AUDIO_TOKEN
+    history_token = HISTORY_TOKEN
+    mem_token = MEM_TOKEN
+
+    @property
+    def video_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+
+    @property
+    def history_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
+
+    @property
+    def mem_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(MEM_TOKEN)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """The ids the model config needs: `video_token_id`, `audio_token_id`, `history_token_id`, `mem_token_id`."""
+        return {
+            "video_token_id": self.video_token_id,
+            "audio_token_id": self.audio_token_id,
+            "history_token_id": self.history_token_id,
+            "mem_token_id": self.mem_token_id,
+        }
+
+    @property
+    def num_k_vid(self) -> int:
+        """Clips used per record (the last ones); 0 means all of them."""
+        value = getattr(self.video_processor, "num_k_vid", 5)
+        return int(value) if value else 0
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids",
+            "attention_mask",
+            "pixel_values_videos",
+            "input_features",
+            "history_input_ids",
+            "history_attention_mask",
+        ]
+
+    # ------------------------------------------------------------------ prompt building
+
+    def format_target(self, record: dict, index: int | None = None) -> str:
+        """The four-line target of `record` (labels in this processor's spelling)."""
+        return format_target(record, self.emotion_labels, self.strategy_labels, index=index)
+
+    def parse_output(self, text: str) -> dict[str, str | None]:
+        """`parse_output` with this processor's label sets."""
+        return parse_output(text, self.emotion_labels, self.strategy_labels)
+
+    def instructions(self) -> str:
+        """The task instructions of the user turn, naming the label sets and the answer format."""
+        emotions = ", ".join(self.emotion_labels)
+        strategies = ", ".join(self.strategy_labels)
+        return (
+            "You are the therapist. Read the session and answer in exactly four lines:\n"
+            f"Client emotion: the client's current emotion, one of: {emotions}\n"
+            f"Therapist emotion: the emotion your reply should carry, one of: {emotions}\n"
+            f"Strategy: your counselling strategy, one of: {strategies}\n"
+            "Response: your empathetic reply to the client, in one paragraph"
+        )
+
+    def _check_record(self, record: Any, index: int | None, with_target: bool) -> _Sample:
+        name = record_name(record, index)
+        if not isinstance(record, dict):
+            raise MultimoodRecordError(name, None, f"is {type(record).__name__}, expected a dict")
+        utterance = _join(record.get("utt_user_most_recent"), record, index, "utt_user_most_recent")
+        if not utterance:
+            raise MultimoodRecordError(name, "utt_user_most_recent", "is empty")
+        for key in ("situation", "problem_type"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise MultimoodRecordError(name, key, f"is {type(record[key]).__name__}, expected str")
+        clips = record.get("path_to_vid_user_most_recent")
+        if clips is None:
+            clips = []
+        elif isinstance(clips, str):
+            clips = [clips]
+        if not isinstance(clips, (list, tuple)):
+            raise MultimoodRecordError(
+                name, "path_to_vid_user_most_recent", f"is {type(clips).__name__}, expected a list of clip names"
+            )
+        for i, clip in enumerate(clips):
+            if not isinstance(clip, str) or not clip.strip():
+                raise MultimoodRecordError(
+                    name, "path_to_vid_user_most_recent", f"item {i} is {clip!r}, expected a clip file name"
+                )
+        mamba = record.get("history_chat_mamba")
+        if mamba is not None and not isinstance(mamba, str):
+            raise MultimoodRecordError(name, "history_chat_mamba", f"is {type(mamba).__name__}, expected str")
+        used = list(clips)[-self.num_k_vid :] if self.num_k_vid > 0 else list(clips)
+        sample = _Sample(
+            index=index if index is not None else 0, record=record, name=name, clips=used, clip_offset=len(clips) - len(used)
+        )
+        sample.exchanges = group_exchanges(merge_turns(history_messages(record, index)))
+        sample.history_utterances = self.history_utterance_ids(record, index)
+        if with_target:
+            sample.target = self.format_target(record, index)
+        return sample
+
+    def build_messages(
+        self,
+        record: dict,
+        k_turn_history: int | None = None,
+        with_target: bool = False,
+        include_video: bool | None = None,
+        include_audio: bool | None = None,
+        include_history: bool | None = None,
+        index: int | None = None,
+    ) -> list[dict]:
+        """The chat messages of a record: system, history turns, the user turn, the target (optional).
+
+        `include_video` / `include_audio` / `include_history` default to: the record has clips / has
+        clips / has history for the compressor. The user turn's content is a list of parts
+        (`text`, `video`, `audio`, `history`) that the chat template renders.
+        """
+        sample = self._check_record(record, index, with_target)
+        if include_video is None:
+            include_video = bool(sample.clips)
+        if include_audio is None:
+            include_audio = include_video
+        if include_history is None:
+            include_history = bool(sample.history_utterances)
+        k = self.k_turn_history if k_turn_history is None else int(k_turn_history)
+        exchanges = sample.exchanges[len(sample.exchanges) - k :] if k > 0 else []
+        return self._messages(sample, exchanges, include_video, include_audio, include_history, with_target)
+
+    def _messages(self, sample: _Sample, exchanges, include_video, include_audio, include_history, with_target):
+        record = sample.record
+        messages: list[dict] = [{"role": "system", "content": self.system_prompt}]
+        for exchange in exchanges:
+            for speaker, text in exchange:
+                messages.append({"role": "user" if speaker == "client" else "assistant", "content": _neutralise(text)})
+        parts: list[dict] = []
+
+        def text(value: str):
+            if parts and parts[-1]["type"] == "text":
+                parts[-1]["text"] += value
+            else:
+                parts.append({"type": "text", "text": value})
+
+        if record.get("problem_type"):
+            text(f"Problem type: {_neutralise(' '.join(record['problem_type'].split()))}\n")
+        if record.get("situation"):
+            text(f"Situation: {_neutralise(' '.join(record['situation'].split()))}\n")
+        if include_video or include_audio:
+            text("Client's video and voice: " if include_audio and include_video else (
+                "Client's video: " if include_video else "Client's voice: "))
+            if include_video:
+                parts.append({"type": "video"})
+            if include_audio:
+                parts.append({"type": "audio"})
+            text("\n")
+        if include_history:
+            text("Earlier conversation (memory): ")
+            parts.append({"type": "history"})
+            text("\n")
+        utterance = _join(record.get("utt_user_most_recent"), record, sample.index, "utt_user_most_recent")
+        text(f"Client: {_neutralise(utterance)}\n\n")
+        text(self.instructions())
+        messages.append({"role": "user", "content": parts})
+        if with_target:
+            messages.append({"role": "assistant", "content": sample.target})
+        return messages
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """Render messages with this processor's chat template (or `chat_template`); text by default."""
+        kwargs.setdefault("tokenize", False)
+        return self.tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template or self._template(), **kwargs
+        )
+
+    def _template(self) -> str:
+        template = self.chat_template
+        if isinstance(template, dict):
+            template = template.get("default") or next(iter(template.values()))
+        return template or DEFAULT_CHAT_TEMPLATE
+
+    def render_prompt(self, record: dict, with_target: bool = False, **kwargs) -> str:
+        """The rendered prompt text of a record, placeholders not yet expanded.
+
+        Without target it ends with the generation prompt; with target it is the whole conversation.
+        """
+        messages = self.build_messages(record, with_target=with_target, **kwargs)
+        return self.apply_chat_template(messages, add_generation_prompt=not with_target)
+
+    # ------------------------------------------------------------------ history compressor input
+
+    def history_utterance_ids(self, record: dict, index: int | None = None) -> list[list[int]]:
+        """The compressor input of a record as per-utterance token ids, each ending with `<MEM>`.
+
+        From `history_chat_mamba` when it is a non-empty string (split at its `<MEM>` tokens when it
+        has any, else at line breaks), else from every message of `history_chat` as
+        `Client: ...` / `Therapist: ...`. Keeps the most recent whole utterances that fit in
+        `history_max_tokens` (the most recent one is cut from the left if it alone is too long) and
+        at most `max_memory_slots` of them.
+        """
+        mamba = record.get("history_chat_mamba")
+        if isinstance(mamba, str) and mamba.strip():
+            if MEM_TOKEN in mamba:
+                pieces = mamba.split(MEM_TOKEN)
+                if not pieces[-1].strip():
+                    pieces = pieces[:-1]
+            else:
+                pieces = mamba.splitlines()
+            texts = [" ".join(p.split()) for p in pieces]
+            texts = [t for t in texts if t]
+        else:
+            texts = [f"{_SPEAKER_NAME[s]}: {t}" for s, t in history_messages(record, index)]
+        if not texts:
+            return []
+        limit = self.history_max_tokens
+        if self.max_memory_slots is not None:
+            texts = texts[-self.max_memory_slots :] if self.max_memory_slots > 0 else []
+        mem = self.mem_token_id
+        kept: list[list[int]] = []
+        total = 0
+        for text in reversed(texts):
+            ids = self.tokenizer(_neutralise(text), add_special_tokens=False)["input_ids"] + [mem]
+            if total + len(ids) > limit:
+                if not kept and limit > 1:
+                    kept.append(ids[-(limit - 1) - 1 : -1] + [mem])
+                break
+            kept.append(ids)
+            total += len(ids)
+        kept.reverse()
+        return kept
+
+    def history_input_ids(self, record: dict, index: int | None = None) -> list[int]:
+        """The compressor token ids of a record (empty when it has no history)."""
+        return [t for ids in self.history_utterance_ids(record, index) for t in ids]
+
+    # ------------------------------------------------------------------ media
+
+    def _process_media(self, samples, video_folder, num_frames, size, return_frame_indices, return_tensors):
+        with_clips = [s for s in samples if s.clips]
+        out: dict[str, Any] = {}
+        if not with_clips:
+            return out
+        videos = [s.clips for s in with_clips]
+        ids = [s.name[len("record "):] if s.name.startswith("record ") else s.name for s in with_clips]
+        tensors = return_tensors or "pt"
+        video_kwargs = {"video_folder": video_folder, "record_ids": ids, "return_tensors": tensors}
+        if num_frames is not None:
+            video_kwargs["num_frames"] = num_frames
+        if size is not None:
+            video_kwargs["size"] = size
+        if return_frame_indices:
+            video_kwargs["return_frame_indices"] = True
+        video = self.video_processor(videos, **video_kwargs)
+        pixel_values = video["pixel_values_videos"]
+        if len(pixel_values) != len(with_clips):
+            raise RuntimeError(
+                f"the video processor returned {len(pixel_values)} videos for {len(with_clips)} samples"
+            )
+        out["pixel_values_videos"] = pixel_values
+        if return_frame_indices:
+            # positions in the record's own `path_to_vid_user_most_recent` list
+            out["frame_indices"] = [
+                [(s.clip_offset + int(clip), int(frame)) for clip, frame in picks]
+                for s, picks in zip(with_clips, video["frame_indices"])
+            ]
+        for s in with_clips:
+            s.has_video = True
+        if self.feature_extractor is not None:
+            audio = self.feature_extractor(
+                videos, video_folder=video_folder, record_ids=ids, return_tensors=tensors
+            )
+            present = [bool(x) for x in np.asarray(audio["audio_present"]).reshape(-1).tolist()]
+            features = audio["input_features"]
+            keep = [i for i, p in enumerate(present) if p]
+            for s, p in zip(with_clips, present):
+                s.has_audio = p
+            if keep:
+                if len(keep) != len(present):
+                    features = features[torch.as_tensor(keep)] if isinstance(features, torch.Tensor) else features[keep]
+                out["input_features"] = features
+        return out
+
+    # ------------------------------------------------------------------ main entry point
+
+    def __call__(
+        self,
+        records: dict | Sequence[dict] | None = None,
+        video_folder: str | None = None,
+        with_target: bool = False,
+        return_tensors: str | None = "pt",
+        padding_side: str | None = None,
+        return_frame_indices: bool = False,
+        num_frames: int | None = None,
+        size: Any = None,
+        k_turn_history: int | None = None,
+        max_length: int | None = None,
+        truncation: bool = True,
+        pad_to_multiple_of: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Turn records into a batch.
+
+        Returns a `BatchFeature` with `input_ids`, `attention_mask`, `labels` (with `with_target=True`:
+        -100 except the last assistant turn's content and its end-of-turn token), and, only for the
+        samples that have them (in sample order): `pixel_values_videos` (n_video, T, 3, S, S),
+        `input_features` (n_audio, frames, bins), `history_input_ids` / `history_attention_mask`
+        (n_history, L; right-padded with the pad id). `frame_indices` with `return_frame_indices`.
+
+        Padding is on the right with `with_target=True` (training) and on the left otherwise
+        (generation), unless `padding_side` says otherwise.
+        """
+        if kwargs:
+            raise TypeError(f"MultimoodProcessor got unexpected arguments: {sorted(kwargs)}")
+        if records is None:
+            raise ValueError("MultimoodProcessor needs `records` (a record dict or a list of them)")
+        if isinstance(records, dict):
+            records = [records]
+        records = list(records)
+        if not records:
+            raise ValueError("MultimoodProcessor got an empty list of records")
+        padding_side = padding_side or ("right" if with_target else "left")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        k = self.k_turn_history if k_turn_history is None else int(k_turn_history)
+        if k < 0:
+            raise ValueError(f"k_turn_history must be >= 0, got {k}")
+        limit = self.model_max_length if max_length is None else int(max_length)
+
+        samples = [self._check_record(r, i, with_target) for i, r in enumerate(records)]
+        media = self._process_media(samples, video_folder, num_frames, size, return_frame_indices, return_tensors)
+
+        n_video = n_audio = 0
+        if "pixel_values_videos" in media:
+            t, _, h, w = tuple(media["pixel_values_videos"].shape[1:5])
+            n_video = int(self.video_processor.num_video_tokens(t, h, w))
+        if "input_features" in media:
+            frames, bins = tuple(media["input_features"].shape[1:3])
+            n_audio = int(self.feature_extractor.num_audio_tokens(frames, bins))
+
+        rows_ids, rows_labels, history_rows = [], [], []
+        for s in samples:
+            ids, labels, hist = self._encode_sample(s, k, with_target, n_video, n_audio, limit if truncation else None)
+            rows_ids.append(ids)
+            rows_labels.append(labels)
+            if hist:
+                history_rows.append(hist)
+
+        pad_id = self.pad_token_id
+        data: dict[str, Any] = {}
+        input_ids, attention_mask = _pad(rows_ids, pad_id, padding_side, pad_to_multiple_of)
+        data["input_ids"] = input_ids
+        data["attention_mask"] = attention_mask
+        if with_target:
+            data["labels"], _ = _pad(rows_labels, IGNORE_INDEX, padding_side, pad_to_multiple_of)
+        if history_rows:
+            data["history_input_ids"], data["history_attention_mask"] = _pad(history_rows, pad_id, "right", None)
+        data.update(media)
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["frame_indices"])
+
+    def _encode_sample(self, s: _Sample, k: int, with_target: bool, n_video: int, n_audio: int, limit: int | None):
+        """Token ids (placeholders expanded), labels and compressor ids of one sample, truncated to fit."""
+        exchanges = s.exchanges[len(s.exchanges) - k :] if k > 0 else []
+        utterances = list(s.history_utterances)
+        media_tokens = (n_video if s.has_video else 0) + (n_audio if s.has_audio else 0)
+        while True:
+            ids, labels = self._tokenize_sample(s, exchanges, utterances, with_target, n_video, n_audio)
+            if limit is None:
+                break
+            counted = len(ids) - (0 if self.max_length_includes_media else media_tokens)
+            excess = counted - limit
+            if excess <= 0:
+                break
+            if exchanges:
+                exchanges = exchanges[1:]
+                continue
+            if utterances:
+                drop = min(excess, len(utterances))
+                utterances = utterances[drop:]
+                continue
+            budget = f"{limit} tokens" + ("" if self.max_length_includes_media else f" (+{media_tokens} media tokens)")
+            raise MultimoodRecordError(
+                s.name,
+                None,
+                f"does not fit in max_length={budget} even without chat history: it needs {len(ids)} tokens "
+                f"({media_tokens} of them video/audio). Shorten the record or raise model_max_length.",
+            )
+        history = [t for u in utterances for t in u]
+        return ids, labels, history
+
+    def _tokenize_sample(self, s: _Sample, exchanges, utterances, with_target, n_video, n_audio):
+        include_history = bool(utterances)
+        messages = self._messages(s, exchanges, s.has_video, s.has_audio, include_history, False)
+        template = self._template()
+        prompt = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        expected = {
+            self.video_token_id: (1 if s.has_video else 0, n_video, "<video>"),
+            self.audio_token_id: (1 if s.has_audio else 0, n_audio, "<audio>"),
+            self.history_token_id: (1 if include_history else 0, len(utterances), "<history>"),
+        }
+        counts = {tid: 0 for tid in expected}
+        for tid in prompt_ids:
+            if tid in counts:
+                counts[tid] += 1
+        for tid, (want, _, token) in expected.items():
+            if counts[tid] != want:
+                raise MultimoodRecordError(
+                    s.name,
+                    None,
+                    f"the rendered prompt has {counts[tid]} {token} placeholder(s), expected {want}: the chat "
+                    "template must render each media/history part of a message exactly once",
+                )
+        if MEM_TOKEN in prompt or self.mem_token_id in prompt_ids:
+            raise MultimoodRecordError(s.name, None, "the rendered prompt contains <MEM>, which only the compressor reads")
+        ids: list[int] = []
+        for tid in prompt_ids:
+            if tid in expected:
+                ids.extend([tid] * expected[tid][1])
+            else:
+                ids.append(tid)
+        labels = [IGNORE_INDEX] * len(ids)
+        if with_target:
+            full = self.tokenizer.apply_chat_template(
+                self._messages(s, exchanges, s.has_video, s.has_audio, include_history, True),
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=False,
+            )
+            if not full.startswith(prompt):
+                raise ValueError(
+                    "the chat template must render the conversation with the target as the generation prompt "
+                    "followed by the assistant message (the prompt is not a prefix of the full conversation)"
+                )
+            answer = full[len(prompt) :]
+            body = answer.rstrip()
+            target_ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
+            tail_ids = self.tokenizer(answer[len(body) :], add_special_tokens=False)["input_ids"] if body != answer else []
+            ids = ids + target_ids + tail_ids
+            labels = labels + target_ids + [IGNORE_INDEX] * len(tail_ids)
+        return ids, labels
+
+    # ------------------------------------------------------------------ decoding
+
+    def post_process_output(
+        self, generated_ids, input_length: int | None = None, skip_special_tokens: bool = True
+    ) -> list[dict[str, str | None]]:
+        """Decode generated ids (only the new tokens, or pass `input_length` to cut the prompt off)
+        and parse each into `client_emotion`, `therapist_emotion`, `strategy`, `response` (+ `text`)."""
+        if isinstance(generated_ids, torch.Tensor):
+            if generated_ids.dim() == 1:
+                generated_ids = generated_ids[None]
+            generated_ids = generated_ids.tolist()
+        elif generated_ids and isinstance(generated_ids[0], int):
+            generated_ids = [generated_ids]
+        if input_length:
+            generated_ids = [row[input_length:] for row in generated_ids]
+        texts = self.tokenizer.batch_decode(generated_ids, skip_special_tokens=skip_special_tokens)
+        results = []
+        for text in texts:
+            parsed = self.parse_output(text)
+            parsed["text"] = text
+            results.append(parsed)
+        return results
+
+
+def _pad(rows: list[list[int]], value: int, side: str, multiple: int | None):
+    """Pad rows to one length; returns (padded rows, attention mask) as lists."""
+    length = max(len(r) for r in rows)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    padded, mask = [], []
+    for r in rows:
+        pad = [value] * (length - len(r))
+        padded.append(pad + list(r) if side == "left" else list(r) + pad)
+        m = [0] * len(pad)
+        mask.append(m + [1] * len(r) if side == "left" else [1] * len(r) + m)
+    return padded, mask
+
+
+@dataclass
+class MultimoodDataCollator:
+    """Collate raw records into a batch with the processor (decoding runs in the DataLoader workers).
+
+    Use with `Trainer(data_collator=MultimoodDataCollator(processor, video_folder=...))` and a dataset
+    that yields record dicts (`remove_unused_columns=False`).
+    """
+
+    processor: MultimoodProcessor
+    video_folder: str | None = None
+    with_target: bool = True
+    padding_side: str | None = None
+    processor_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, records: list[dict]) -> BatchFeature:
+        return self.processor(
+            records=list(records),
+            video_folder=self.video_folder,
+            with_target=self.with_target,
+            padding_side=self.padding_side,
+            **self.processor_kwargs,
+        )
+
+
+MultimoodProcessor.register_for_auto_class()
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "ESCONV_EMOTIONS",
+    "ESCONV_STRATEGIES",
+    "IGNORE_INDEX",
+    "LABEL_SETS",
+    "MESC_EMOTIONS",
+    "MESC_STRATEGIES",
+    "MultimoodDataCollator",
+    "MultimoodProcessor",
+    "MultimoodRecordError",
+    "format_answer",
+    "format_target",
+    "parse_output",
+    "prepare_tokenizer",
+]
