@@ -22,6 +22,9 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest
 
+quickstart: install
+	$(BIN)/multimood quickstart --output_dir outputs/quickstart
+
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
