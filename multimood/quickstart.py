@@ -221,7 +221,7 @@ def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_si
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimood quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (data goes to DIR/data)")
+    parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (replaced if it holds an earlier model)")
     parser.add_argument("--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one")
     parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--learning_rate", type=float, default=5e-3)
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=56)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="where the sample data goes (default DIR/data)")
+    parser.add_argument("--data_dir", default=None, help="where the sample data goes (default DIR_data beside DIR)")
     return parser
 
 
@@ -243,14 +243,14 @@ def run(args: argparse.Namespace) -> dict:
 
     start = time.time()
     output_dir = Path(args.output_dir).resolve()
-    data_dir = Path(args.data_dir).resolve() if args.data_dir else output_dir / "data"
-    if output_dir.exists():
-        for child in output_dir.iterdir():  # keep DIR/data if it is there; refresh everything else
-            if child.resolve() != data_dir:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else output_dir.with_name(output_dir.name + "_data")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not multimood_train.is_multimood_folder(str(output_dir)):
+            raise SystemExit(f"{output_dir} exists and is not a multimood model folder: choose another --output_dir")
+        shutil.rmtree(output_dir)  # an earlier quickstart's model: replace it
     print(f"[quickstart] writing sample clips and dialogues to {data_dir}", flush=True)
     records_path, video_dir = write_sample_data(data_dir)
-    records = multimood_train.read_records(records_path)
+    records = list(multimood_train.load_records(records_path))
     if args.tokenizer:
         tokenizer_path = args.tokenizer
     else:

@@ -34,6 +34,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
+from .dataset_builder import load_dialogues
+
 logger = logging.getLogger("multimood.train")
 
 QWEN2_MODEL_TYPES = ("videollama2_qwen2", "qwen2", "multimood", "multimood_qwen2", "qwen2_moe", "qwen2.5", "qwen2_5")
@@ -165,69 +167,15 @@ def parse_args(argv: list[str] | None = None):
 # ----------------------------------------------------------------------------------------------
 
 
-class RecordDataset(torch.utils.data.Dataset):
-    """Raw record dicts (no Arrow conversion: `history_chat` may mix strings and role dicts)."""
-
-    def __init__(self, records: list[dict]):
-        self.records = list(records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.records[index]
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file or a JSON array (a dict with a `data`/`records` list is accepted too)."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        records = json.loads(text)
-    elif stripped.startswith("{") and path.suffix == ".json":
-        try:
-            obj = json.loads(text)
-            records = obj.get("data") or obj.get("records") or [obj]
-        except json.JSONDecodeError:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-    if not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{path}: every record must be a JSON object")
-    return records
-
-
 def load_records(path: str | os.PathLike):
-    """Records of `path` as an indexable dataset of dicts: `multimood.dataset_builder.load_dialogues`
-    (validated, cached Arrow; its "train" split) when that module is there, else `read_records`."""
-    path = str(Path(path).expanduser().resolve())
-    try:
-        from .dataset_builder import load_dialogues  # noqa: PLC0415
-    except ImportError:
-        load_dialogues = None
-    if load_dialogues is None:
-        return RecordDataset(read_records(path))
-    data = load_dialogues(path)
-    import datasets  # noqa: PLC0415
-
-    if isinstance(data, (datasets.DatasetDict, dict)):
-        data = data["train"] if "train" in data else data[next(iter(data.keys()))]
-    return data
+    """The records of a JSONL / JSON-array file, validated by the dataset builder (all splits of one file)."""
+    return load_dialogues({"train": str(Path(path).expanduser().resolve())})["train"]
 
 
 def make_dataset(path: str, limit: int | None = None):
     data = load_records(path)
     if limit is not None:
-        data = data.select(range(min(limit, len(data)))) if hasattr(data, "select") else RecordDataset(data.records[:limit])
+        data = data.select(range(min(limit, len(data))))
     if len(data) == 0:
         raise ValueError(f"{path}: no records")
     return data
@@ -505,12 +453,12 @@ def _projector_weights(source: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_pretrained_parts(model, model_args: ModelArguments) -> None:
-    """Copy the LLM, SigLIP, Mamba, BEATs and projector weights into a freshly built MultiMood model."""
+def load_pretrained_parts(model, model_args: ModelArguments, load_llm: bool) -> None:
+    """Copy the LLM (when `load_llm`), SigLIP, Mamba, BEATs and projector weights into a freshly built model."""
     from transformers import AutoModel, AutoModelForCausalLM, SiglipVisionModel  # noqa: PLC0415
 
     inner = model.model
-    if model_args.model_path and not model_args.model_config_has_text:
+    if model_args.model_path and load_llm:
         with _without_zero3_init():
             llm = AutoModelForCausalLM.from_pretrained(model_args.model_path, dtype=torch.float32)
         state = llm.state_dict()
@@ -558,11 +506,11 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         model = MultimoodForConditionalGeneration.from_pretrained(model_args.model_path, dtype=torch.float32, **kwargs)
     else:
         model_config = read_model_config(model_args.model_config)
-        model_args.model_config_has_text = "text_config" in model_config
         processor = build_processor(model_args, data_args, training_args, model_config)
         config = build_config(model_args, data_args, processor, model_config)
         model = MultimoodForConditionalGeneration._from_config(config, dtype=torch.float32)
-        load_pretrained_parts(model, model_args)
+        # A `--model_config` with its own text_config describes a new LLM: `--model_path` then only gives the tokenizer.
+        load_pretrained_parts(model, model_args, load_llm="text_config" not in model_config)
     sync_processor_with_config(processor, model.config)
     vocab = model.get_input_embeddings().num_embeddings
     if len(processor.tokenizer) > vocab:
@@ -704,9 +652,6 @@ def main(argv: list[str] | None = None):
     )
     return train(model_args, data_args, training_args)
 
-
-# `model_config_has_text` is set during assembly; default for callers that build pieces by hand.
-ModelArguments.model_config_has_text = False
 
 if __name__ == "__main__":
     main()
