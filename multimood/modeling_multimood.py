@@ -140,7 +140,7 @@ class MultimoodPreTrainedModel(PreTrainedModel):
         "Mamba2Block",
         "MultimoodSTCConnector",
     ]
-    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _skip_keys_device_placement = "cache"
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -308,7 +308,7 @@ class MultimoodModel(MultimoodPreTrainedModel):
         if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             inputs_embeds = inputs_embeds + self._unused_blocks_term(pixel_values_videos, input_features, history_input_ids)
 
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs.get("cache")
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             # Placeholders without their inputs would silently feed placeholder embeddings to the LLM.
             for inputs, token_id, modality in (
@@ -415,7 +415,7 @@ class MultimoodForConditionalGeneration(MultimoodPreTrainedModel, GenerationMixi
         return MultimoodCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.get("cache", outputs.get("past_key_values")),
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
