@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "quickstart": ("multimood.quickstart", "main", "generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)"),
     "train": ("multimood.train", "main", "supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)"),
+    "grpo": ("multimood.grpo", "main", "GRPO reinforcement fine-tuning of an SFT model (trl; see `multimood grpo --help`)"),
     "data": ("multimood.dataset_builder", "main", "convert MESC / ESConv to the record JSONL, validate record files"),
     "evaluate": ("multimood.evaluation", "main", "paper-compatible and strict metrics of a predictions JSONL"),
 }

@@ -1,0 +1,411 @@
+"""GRPO fine-tuning of a MultiMood model (the paper's RL stage) with trl's `GRPOTrainer`.
+
+Run with `python run_scripts/run_grpo.py --model_path SFT_DIR --data_path records.jsonl --vid_folder clips/
+--output_dir out/ --preset paper --similarity_model BAAI/bge-m3 [--judge_url http://host:8000/v1 --judge_model NAME]`
+(or under `torchrun` / `accelerate launch`, with `--deepspeed run_scripts/zero2.json`).
+
+Data: the same records as SFT (JSONL / JSON array, validated by the dataset builder); the processor turns each
+record into prompt ids (placeholders expanded) plus its clips' frames, audio features and history-compressor ids.
+The gold columns (`Utterance`, `Emotion`, `Strategy`, `get_emotion_user_most_recent`) reach the rewards as keyword
+arguments; a `prompt` column (the rendered prompt text) is added for trl's logging and for the judge.
+
+How the multimodal inputs travel through trl (the smallest extension of `GRPOTrainer`, no new RL loop):
+`MultimoodGRPOTrainer` overrides three hooks.
+1. `_generate_and_score_completions` remembers the batch's records and, after trl's own scoring, adds the media as
+   *row-aligned* tensors (`mm_*`, first dimension = completions, with `mm_has_*` masks for samples without a clip
+   or a history), so trl's shuffling / splitting into `per_device_train_batch_size` slices keeps them in step.
+2. `_tokenize_prompts` runs `MultimoodProcessor` on the records (prompt ids are returned unpadded: trl left-pads
+   them itself) and hands the media to `generate` as extra tensors.
+3. `_get_per_token_logps_and_entropies` (old / reference / policy log-probs) adds, per chunk, the media of the
+   chunk's rows. `compute_loss` points it at the rows of the current slice.
+Generation never samples the placeholder tokens (`suppress_tokens`), so re-reading a completion is always valid.
+Without LoRA and with beta > 0, trl loads the reference model from `--model_path` (remote code: the folder's
+`auto_map`); with `--lora_enable` the reference is the model with its adapter disabled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from transformers import HfArgumentParser
+
+from .rewards import (
+    PAPER_PRESET,
+    JudgeReward,
+    SimilarityReward,
+    format_reward,
+    label_reward,
+    parse_reward_weights,
+)
+
+logger = logging.getLogger("multimood.grpo")
+
+_MEDIA = ("video", "audio", "history")
+REWARD_NAMES = ("format", "label", "similarity", "judge")
+DEFAULT_REWARD_WEIGHTS = {"format": 0.2, "label": 0.4, "similarity": 1.0}
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_class():
+    from trl import GRPOTrainer  # noqa: PLC0415
+
+    class MultimoodGRPOTrainer(GRPOTrainer):
+        """`GRPOTrainer` that feeds MultiMood's video, audio and history inputs to generation and to the log-prob
+        passes (see the module docstring). `video_folder` is where the records' clip names point."""
+
+        def __init__(self, model, reward_funcs, args=None, processing_class=None, video_folder: str | None = None,
+                     **kwargs):
+            self.video_folder = video_folder
+            self._batch_records: list[dict] | None = None
+            self._active_mm: dict[str, torch.Tensor] | None = None
+            config = model.config
+            placeholders = [config.video_token_id, config.audio_token_id, config.history_token_id, config.mem_token_id]
+            if args is not None:
+                extra = dict(args.generation_kwargs or {})
+                extra["suppress_tokens"] = sorted(set(list(extra.get("suppress_tokens") or []) + placeholders))
+                args.generation_kwargs = extra
+                args.remove_unused_columns = False
+            # trl reads `config.image_token_id` for processor-based models (to suppress it); ours is the video one.
+            added = "image_token_id" not in config.to_dict()
+            if added:
+                config.image_token_id = config.video_token_id
+            try:
+                super().__init__(model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
+                                 **kwargs)
+            finally:
+                if added:
+                    try:
+                        delattr(config, "image_token_id")
+                    except AttributeError:
+                        pass
+
+        # ---------------------------------------------------------------- media as row-aligned tensors
+
+        def _encode_batch(self, records: list[dict]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+            """Prompt ids (unpadded) and row-aligned media of `records` (identical records processed once)."""
+            keys, unique, index = {}, [], []
+            for record in records:
+                key = json.dumps(record, sort_keys=True, default=str)
+                if key not in keys:
+                    keys[key] = len(unique)
+                    unique.append(record)
+                index.append(keys[key])
+            processor = self.processing_class
+            batch = processor(records=unique, video_folder=self.video_folder, with_target=False, padding_side="left")
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            config = self.accelerator.unwrap_model(self.model).config
+            token = {"video": config.video_token_id, "audio": config.audio_token_id, "history": config.history_token_id}
+            source = {"video": batch.get("pixel_values_videos"), "audio": batch.get("input_features"),
+                      "history": batch.get("history_input_ids")}
+            per_sample: dict[str, list] = {m: [None] * len(unique) for m in _MEDIA}
+            per_sample["history_mask"] = [None] * len(unique)
+            prompt_ids, cursor = [], dict.fromkeys(_MEDIA, 0)
+            for i in range(len(unique)):
+                row = ids[i][mask[i].bool()]
+                prompt_ids.append(row.tolist())
+                for m in _MEDIA:
+                    if (row == token[m]).any():
+                        per_sample[m][i] = source[m][cursor[m]]
+                        if m == "history":
+                            per_sample["history_mask"][i] = batch["history_attention_mask"][cursor[m]]
+                        cursor[m] += 1
+            rows: dict[str, torch.Tensor] = {}
+            for m, name in (("video", "mm_video"), ("audio", "mm_audio"), ("history", "mm_history"),
+                            ("history_mask", "mm_history_mask")):
+                present = [t for t in per_sample[m] if t is not None]
+                if not present:
+                    continue
+                template = torch.zeros_like(present[0])
+                rows[name] = torch.stack([per_sample[m][j] if per_sample[m][j] is not None else template
+                                          for j in index])
+            for m in _MEDIA:
+                rows[f"mm_has_{m}"] = torch.tensor([per_sample[m][j] is not None for j in index], dtype=torch.bool)
+            return [prompt_ids[j] for j in index], rows
+
+        @staticmethod
+        def media_kwargs(rows: dict[str, torch.Tensor] | None, start: int = 0, end: int | None = None) -> dict:
+            """Model keyword arguments (`pixel_values_videos`, `input_features`, `history_*`) of rows start:end."""
+            if not rows:
+                return {}
+            out = {}
+            sl = slice(start, end)
+            for m, key, name in (("video", "pixel_values_videos", "mm_video"), ("audio", "input_features", "mm_audio"),
+                                 ("history", "history_input_ids", "mm_history")):
+                has = rows.get(f"mm_has_{m}")
+                if has is None or name not in rows:
+                    continue
+                has = has[sl]
+                if not bool(has.any()):
+                    continue
+                out[key] = rows[name][sl][has]
+                if m == "history":
+                    hist_mask = rows["mm_history_mask"][sl][has]
+                    width = int(hist_mask.sum(-1).max().item())  # trim the shared right padding
+                    out["history_input_ids"] = out["history_input_ids"][:, :width]
+                    out["history_attention_mask"] = hist_mask[:, :width]
+            return out
+
+        # ---------------------------------------------------------------- trl hooks
+
+        def _generate_and_score_completions(self, inputs):
+            self._batch_records = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
+            self._active_mm = None
+            try:
+                output = super()._generate_and_score_completions(inputs)
+            finally:
+                self._batch_records = None
+            rows = self._active_mm or {}
+            device = self.accelerator.device
+            output.update({k: v.to(device) for k, v in rows.items()})
+            return output
+
+        def _tokenize_prompts(self, prompts):
+            if self._batch_records is None or len(self._batch_records) != len(prompts):
+                raise RuntimeError("MultimoodGRPOTrainer: prompts without their records (rollout_func / tools are "
+                                   "not supported)")
+            prompt_ids, rows = self._encode_batch(self._batch_records)
+            self._active_mm = rows
+            return prompt_ids, None, self.media_kwargs(rows)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **kwargs):
+            rows = self._active_mm
+            if not rows:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+            batch_size = batch_size or input_ids.size(0)
+            logps, entropies, aux = [], [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                end = min(start + batch_size, input_ids.size(0))
+                media = {k: v.to(input_ids.device) for k, v in self.media_kwargs(rows, start, end).items()}
+                ids, mask = input_ids[start:end], attention_mask[start:end]
+                labels = ids.masked_fill(mask == 0, -100)
+                labels[:, :-logits_to_keep] = -100
+                inputs = {"input_ids": ids, "attention_mask": mask, **media}
+                if compute_aux_loss:
+                    inputs["output_router_logits"] = True
+                with self.accelerator.autocast():
+                    outputs = model(**inputs, labels=labels, fused_lm_head=True)
+                logps.append(outputs.log_probs[:, -logits_to_keep:])
+                if compute_entropy:
+                    entropies.append(outputs.entropy[:, -logits_to_keep:])
+                if compute_aux_loss:
+                    aux.append(outputs.aux_loss)
+            return (torch.cat(logps, 0), torch.cat(entropies, 0) if compute_entropy else None,
+                    torch.stack(aux).mean() if compute_aux_loss else None)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._active_mm = {k: v for k, v in inputs.items() if k.startswith("mm_")}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return MultimoodGRPOTrainer
+
+
+def __getattr__(name):  # lazy: importing trl is slow
+    if name == "MultimoodGRPOTrainer":
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOScriptArguments:
+    model_path: str | None = field(default=None, metadata={"help": "Saved multimood model folder (the SFT output)."})
+    data_path: str | None = field(default=None, metadata={"help": "Training records (JSONL or a JSON array)."})
+    vid_folder: str | None = field(default=None, metadata={"help": "Folder the records' clip names are relative to."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
+    k_turn_history: int | None = field(default=None, metadata={"help": "Chat-history exchanges in the prompt."})
+    model_max_length: int | None = field(default=None, metadata={"help": "Text-token budget of a prompt."})
+    preset: str | None = field(default=None, metadata={"help": "'paper': beta 1.12, 4 generations, completions up to "
+                                                                "128 tokens, lr 1e-5, reward = mean(similarity, judge). "
+                                                                "Flags given explicitly win."})
+    reward_weights_spec: str | None = field(
+        default=None,
+        metadata={"help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
+                          f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."})
+    similarity_model: str | None = field(default=None, metadata={"help": "Sentence-embedding model folder / Hub id "
+                                                                           "(BAAI/bge-m3 in the paper)."})
+    similarity_pooling: str = field(default="mean", metadata={"help": "mean or cls (BGE-M3 with plain transformers: cls)."})
+    similarity_whole_if_unparsed: bool = field(
+        default=False, metadata={"help": "Embed the whole completion when it has no `Response:` line (else it scores 0)."})
+    judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."})
+    judge_model: str | None = field(default=None, metadata={"help": "Model name sent to the judge endpoint."})
+    judge_api_key_env: str = field(default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."})
+    judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request (then the neutral 0.5)."})
+    lora_enable: bool = field(default=False, metadata={"help": "LoRA on the LLM's linear layers (peft)."})
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    lora_target_modules: str | None = None
+    merge_lora: bool = field(default=True, metadata={"help": "With LoRA, also write a merged full model to output_dir/merged."})
+    tune_mm_projector: bool = True
+    tune_audio_projector: bool = True
+    tune_compressor: bool = True
+
+
+def _explicit(argv: list[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def parse_args(argv: list[str] | None = None):
+    from trl import GRPOConfig  # noqa: PLC0415
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--reward_weights name=w,...` is ours; GRPOConfig's own `reward_weights` (a float list) is set from it.
+    argv = ["--reward_weights_spec" if a == "--reward_weights" else
+            ("--reward_weights_spec=" + a.split("=", 1)[1] if a.startswith("--reward_weights=") else a) for a in argv]
+    if not torch.cuda.is_available():
+        # GRPOConfig defaults to bf16, which transformers refuses without a GPU unless use_cpu=True.
+        if not _explicit(argv, "use_cpu"):
+            argv += ["--use_cpu", "True"]
+        if not _explicit(argv, "bf16"):
+            argv += ["--bf16", "False"]
+    preset = None
+    for i, a in enumerate(argv):
+        if a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+    if preset is not None:
+        if preset != "paper":
+            raise ValueError(f"--preset {preset!r}: only 'paper' is known")
+        # The preset fills the flags not given explicitly, before GRPOConfig validates them.
+        for name in ("beta", "num_generations", "max_completion_length", "learning_rate"):
+            if not _explicit(argv, name):
+                argv += [f"--{name}", str(PAPER_PRESET[name])]
+        if not _explicit(argv, "reward_weights_spec"):
+            argv += ["--reward_weights_spec", ",".join(f"{k}={v}" for k, v in PAPER_PRESET["reward_weights"].items())]
+        if not _explicit(argv, "similarity_model"):
+            argv += ["--similarity_model", PAPER_PRESET["similarity_model"]]
+    parser = HfArgumentParser((GRPOScriptArguments, GRPOConfig))
+    script, config = parser.parse_args_into_dataclasses(args=argv)
+    config.remove_unused_columns = False
+    return script, config
+
+
+def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
+    """(reward callables, weights) from the flags; each is logged by trl under its own name."""
+    weights = parse_reward_weights(script.reward_weights_spec)
+    if not weights:
+        weights = dict(DEFAULT_REWARD_WEIGHTS)
+        if script.similarity_model is None:
+            weights.pop("similarity")
+        if script.judge_url:
+            weights["judge"] = 1.0
+    unknown = set(weights) - set(REWARD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown rewards {sorted(unknown)}; known: {REWARD_NAMES}")
+    funcs, out_weights = [], []
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name == "format":
+            func = format_reward
+        elif name == "label":
+            func = label_reward
+        elif name == "similarity":
+            if not script.similarity_model:
+                raise ValueError("the similarity reward needs --similarity_model")
+            func = SimilarityReward(script.similarity_model, pooling=script.similarity_pooling,
+                                    whole_if_unparsed=script.similarity_whole_if_unparsed)
+        else:
+            if not (script.judge_url and script.judge_model):
+                raise ValueError("the judge reward needs --judge_url and --judge_model")
+            func = JudgeReward(script.judge_url, script.judge_model, api_key=os.environ.get(script.judge_api_key_env),
+                               timeout=script.judge_timeout)
+        funcs.append(func)
+        out_weights.append(float(weight))
+    if not funcs:
+        raise ValueError("no reward with a positive weight")
+    return funcs, out_weights
+
+
+def load_model_and_processor(script: GRPOScriptArguments, max_length: int | None = None):
+    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+    from .train import configure_trainable, is_multimood_folder, sync_processor_with_config  # noqa: PLC0415
+
+    if not is_multimood_folder(script.model_path):
+        raise ValueError(f"--model_path {script.model_path!r} is not a saved multimood model folder (run SFT first)")
+    processor = MultimoodProcessor.from_pretrained(script.model_path)
+    if script.k_turn_history is not None:
+        processor.k_turn_history = script.k_turn_history
+    if max_length is not None:
+        processor.model_max_length = max_length
+    model = MultimoodForConditionalGeneration.from_pretrained(script.model_path, dtype=torch.float32)
+    sync_processor_with_config(processor, model.config)
+    model_args = SimpleNamespace(tune_llm=True, tune_mm_projector=script.tune_mm_projector,
+                                 tune_audio_projector=script.tune_audio_projector, tune_compressor=script.tune_compressor,
+                                 tune_vision_tower=False, tune_audio_tower=False)
+    configure_trainable(model, model_args)
+    return model, processor, model_args
+
+
+def make_grpo_dataset(data_path: str, processor, limit: int | None = None):
+    """Records with a `prompt` column (the rendered prompt text) for trl."""
+    from .train import make_dataset  # noqa: PLC0415
+
+    data = make_dataset(data_path, limit)
+    return data.map(lambda record: {"prompt": processor.render_prompt(dict(record))})
+
+
+def train(script: GRPOScriptArguments, config):
+    import transformers  # noqa: PLC0415
+
+    from .train import apply_lora  # noqa: PLC0415
+
+    if script.data_path is None or script.model_path is None:
+        raise ValueError("--model_path and --data_path are required")
+    transformers.set_seed(config.seed)
+    model, processor, model_args = load_model_and_processor(script, script.model_max_length)
+    if script.lora_enable:
+        lora_args = SimpleNamespace(lora_r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
+                                    lora_bias=script.lora_bias, lora_target_modules=script.lora_target_modules,
+                                    gradient_checkpointing=config.gradient_checkpointing)
+        model = apply_lora(model, model_args, lora_args)
+    elif config.beta != 0.0:
+        config.trust_remote_code = True  # the reference model is reloaded from the folder's remote code
+    rewards, weights = build_rewards(script)
+    config.reward_weights = weights
+    dataset = make_grpo_dataset(script.data_path, processor, script.max_train_samples)
+    video_folder = os.path.abspath(script.vid_folder) if script.vid_folder else None
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
+                          processing_class=processor, video_folder=video_folder)
+    logger.info("rewards: %s", dict(zip(trainer.reward_func_names, weights)))
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_state()
+    trainer.save_model(config.output_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(config.output_dir)
+    if script.lora_enable and script.merge_lora:
+        from .train import save_lora_merged  # noqa: PLC0415
+
+        save_lora_merged(trainer, processor, config.output_dir)
+    return trainer, result
+
+
+def main(argv: list[str] | None = None):
+    script, config = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if config.should_log else logging.WARNING)
+    return train(script, config)
+
+
+if __name__ == "__main__":
+    main()
