@@ -9,6 +9,8 @@ COMMANDS = {
     "quickstart": ("multimood.quickstart", "main", "generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)"),
     "train": ("multimood.train", "main", "supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)"),
     "grpo": ("multimood.grpo", "main", "GRPO reinforcement fine-tuning of an SFT model (trl; see `multimood grpo --help`)"),
+    "convert": ("multimood.convert_videollama2_to_multimood", "main", "convert a published MultiMood / VideoLLaMA 2 checkpoint (or back with --to-published)"),
+    "push": ("multimood.hub", "push_main", "build the Hub folder (card, remote code, pipeline) of a saved model and upload it"),
     "data": ("multimood.dataset_builder", "main", "convert MESC / ESConv to the record JSONL, validate record files"),
     "evaluate": ("multimood.evaluation", "main", "paper-compatible and strict metrics of a predictions JSONL"),
 }

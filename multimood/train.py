@@ -217,6 +217,24 @@ def _without_zero3_init():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
+def _init_deepspeed_comm(training_args: TrainingArguments) -> None:
+    """Let `deepspeed.comm` adopt the running process group before ZeRO-3 builds the model.
+
+    ZeRO-3 partitions the model at construction (`deepspeed.zero.Init`), whose config reads the world size from
+    `deepspeed.comm`. With `use_cpu=True` accelerate initialises only `torch.distributed` (gloo), so DeepSpeed would
+    see one rank and fail its batch-size check (`train_batch_size ... 2 != 1 * 1 * 1`) on two CPU ranks.
+    """
+    if not _zero3_enabled():
+        return
+    _ = training_args.device  # sets up torch.distributed under torchrun
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import deepspeed  # noqa: PLC0415
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
@@ -496,6 +514,7 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
     from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
 
+    _init_deepspeed_comm(training_args)
     if is_multimood_folder(model_args.model_path):
         # Same classes as AutoModelForCausalLM / AutoProcessor(..., trust_remote_code=True) would load
         # from the folder's remote code; the package's own copies keep a single class identity.

@@ -4,12 +4,15 @@ the saved folder reloading in a clean process, and the quickstart."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +298,233 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert set(summary["prediction"]) == {"client_emotion", "therapist_emotion", "strategy", "response"}
     printed = capsys.readouterr().out
     assert '"prediction"' in printed
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness: resume after SIGKILL, two ranks (DDP and ZeRO-3) on the CPU, real MESC records and clips
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mesc_mixed(shared_data, tmp_path_factory):
+    """Eight real MESC records with the real clips; the last four are made text-only (no clips, no chat history,
+    hence no video, audio or compressor input). A small BPE tokenizer trained on them keeps the LM head narrow: the
+    real Qwen2 vocabulary (150k rows) makes these multi-process runs several times slower and is already covered by
+    test_train_on_mesc_loss_decreases_and_reloads."""
+    root = tmp_path_factory.mktemp("mesc_mixed")
+    lines = (shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:8]
+    records = [json.loads(line) for line in lines]
+    for record in records[4:]:
+        record["path_to_vid_user_most_recent"] = []
+        record["history_chat"] = []
+        record.pop("history_chat_mamba", None)
+    path = root / "mesc_mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    quickstart.train_tokenizer(records, root / "tokenizer")
+    return {"records": path, "videos": shared_data / "media" / "video", "tokenizer": root / "tokenizer"}
+
+
+def _mixed_argv(data: dict, output_dir, *extra: str) -> list[str]:
+    return _tiny_argv(data, output_dir, _vocab(data), "--k_turn_history", "1", "--dataloader_num_workers", "0",
+                      "--ddp_timeout", "180", *extra)
+
+
+def _run_killing_group(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` in a new session; past `timeout` kill its whole process group (torchrun's ranks too) and fail."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(REPO_ROOT), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no result after {timeout} s (hung?): {shlex.join(cmd[:6])} ...\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _safetensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _global_step(folder) -> int:
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"]
+
+
+def _logged_losses(folder) -> list[float]:
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _complete_checkpoint(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint with a readable one is complete."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(mesc_mixed, tmp_path):
+    """`run_multimood.py` killed with SIGKILL after its step-2 checkpoint, then resumed from that checkpoint, ends with
+    the same global step and bit-identical weights as an uninterrupted run with the same seed (CPU, one process, the
+    same thread count, no data workers: every operation is deterministic, so no tolerance is needed)."""
+    script = str(RUN_SCRIPTS / "run_multimood.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    steps = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--seed", "1234")
+
+    full = tmp_path / "full"
+    done = _run_killing_group([sys.executable, script, *_mixed_argv(mesc_mixed, full, *steps)], 300, env)
+    assert done.returncode == 0, done.stderr[-5000:]
+
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, script, *_mixed_argv(mesc_mixed, part, *steps)], env=env, cwd=str(REPO_ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoint = part / "checkpoint-2"
+    deadline = time.monotonic() + 240
+    try:
+        while not _complete_checkpoint(checkpoint) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert not finished, f"the run ended before it could be killed (rc {proc.returncode}): {err[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    assert _complete_checkpoint(checkpoint), "no complete checkpoint-2 before the deadline"
+    assert not (part / "model.safetensors").exists() and not (part / "checkpoint-6").exists()  # really interrupted
+
+    resumed = _run_killing_group([sys.executable, script, *_mixed_argv(
+        mesc_mixed, part, *steps, "--resume_from_checkpoint", str(checkpoint))], 300, env)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert _global_step(part) == _global_step(full) == 6
+    expected, got = _safetensors(full), _safetensors(part)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert _logged_losses(part) == _logged_losses(full)
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    # run_multimood.py's main(), plus: which modalities each rank's batches have, and the trained model's logits
+    # on a fixed batch (every rank runs that forward: under ZeRO-3 it gathers partitioned parameters collectively).
+    import json, os, sys
+    import torch
+    from multimood import train as mm_train
+    from multimood.processing_multimood import MultimoodDataCollator
+
+    log_dir, argv = sys.argv[1], sys.argv[2:]
+    rank = int(os.environ["RANK"])
+    log = open(os.path.join(log_dir, f"batches_rank{rank}.jsonl"), "w")
+    collate = MultimoodDataCollator.__call__
+
+    def logged(self, records):
+        batch = collate(self, records)
+        log.write(json.dumps({"video": "pixel_values_videos" in batch, "history": "history_input_ids" in batch}) + "\\n")
+        log.flush()
+        return batch
+
+    MultimoodDataCollator.__call__ = logged
+    trainer, _ = mm_train.main(argv)
+    _, data_args, _ = mm_train.parse_args(argv)
+    records = [json.loads(line) for line in open(data_args.data_path)]
+    probe = [records[0], records[-1]]  # one multimodal, one text-only
+    batch = MultimoodDataCollator(trainer.processing_class, video_folder=data_args.vid_folder)(probe)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    if rank == 0:
+        torch.save({"batch": dict(batch), "logits": logits}, os.path.join(log_dir, "probe.pt"))
+    print("RANK", rank, "DONE", trainer.state.global_step, flush=True)
+    """
+)
+
+
+def _torchrun_two_ranks(data: dict, out: Path, log_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / "run_logged.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    argv = _mixed_argv(data, out, "--per_device_train_batch_size", "1", "--max_steps", "4", "--save_strategy", "no",
+                       "--seed", "3", *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script), str(log_dir), *argv]
+    return _run_killing_group(cmd, 420, env)
+
+
+def _check_two_rank_run(proc, out: Path, log_dir: Path) -> None:
+    """Both ranks finished; at some step one rank had a text-only batch while the other had video; ONE complete
+    output folder that reloads with logits equal to the trained model's."""
+    from transformers import AutoProcessor
+
+    from multimood import MultimoodForConditionalGeneration
+
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    assert "RANK 0 DONE 4" in proc.stdout and "RANK 1 DONE 4" in proc.stdout
+    seen = [[json.loads(line) for line in (log_dir / f"batches_rank{r}.jsonl").read_text().splitlines()][:4] for r in (0, 1)]
+    assert all(len(s) == 4 for s in seen), seen
+    assert any(a["video"] != b["video"] for a, b in zip(*seen)), f"no step where the ranks' modalities differ: {seen}"
+    assert _global_step(out) == 4
+    losses = _logged_losses(out)
+    # the Trainer logs a NaN step loss as the running mean (0.0 at the start): finite and positive means real losses
+    assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses), losses
+    names = {p.name for p in out.iterdir()}
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer_config.json",
+                 "modeling_multimood.py", "processing_multimood.py", "trainer_state.json"):
+        assert name in names, name
+    assert not [n for n in names if n.startswith(("checkpoint-", "global_step", "model-0", "pytorch_model"))], names
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, log_dir.name])  # no second folder
+    probe = torch.load(log_dir / "probe.pt", weights_only=True)
+    model, info = MultimoodForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    state = _safetensors(out)
+    assert state and all(v.numel() > 0 for v in state.values())
+    reference = MultimoodForConditionalGeneration(model.config).state_dict()
+    for name, value in model.state_dict().items():
+        assert value.shape == reference[name].shape, name
+    with torch.no_grad():
+        logits = model.eval()(**probe["batch"]).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert processor.video_processor.num_frames == model.config.num_frames == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_mixed_modalities(mesc_mixed, tmp_path):
+    """torchrun, 2 ranks, gloo on the CPU, one record per rank and step, text-only and multimodal records mixed:
+    no hang (ddp_find_unused_parameters=False: the unused blocks still get gradients), one complete folder."""
+    out, logs = tmp_path / "ddp", tmp_path / "logs"
+    proc = _torchrun_two_ranks(mesc_mixed, out, logs, "--ddp_find_unused_parameters", "False")
+    _check_two_rank_run(proc, out, logs)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_two_ranks_saves_full_weights(mesc_mixed, tmp_path):
+    """ZeRO-3 (run_scripts/zero3.json, gather_16bit_weights_on_model_save) on 2 CPU ranks with mixed modalities:
+    trains, saves full (unpartitioned) weights that reload with the trained model's logits.
+
+    Expected to fail (xfail) while BEATs' positional conv is built with weight_norm on a weight that zero.Init has
+    already partitioned; test_deepspeed_configs still validates zero3.json through TrainingArguments(deepspeed=...)."""
+    if not _deepspeed_available():
+        pytest.skip("deepspeed is not installed")
+    out, logs = tmp_path / "zero3", tmp_path / "logs"
+    proc = _torchrun_two_ranks(mesc_mixed, out, logs, "--deepspeed", str(RUN_SCRIPTS / "zero3.json"))
+    if proc.returncode != 0 and "norm_except_dim" in proc.stderr and "modeling_beats.py" in proc.stderr:
+        pytest.xfail("BEATs' weight-normed positional conv is not ZeRO-3 ready: zero.Init partitions the conv weight "
+                     "before weight_norm reads it (and _init_weights cannot reach the partitioned g, v)")
+    _check_two_rank_run(proc, out, logs)

@@ -1,0 +1,1189 @@
+"""Convert a published MultiMood / VideoLLaMA 2(.1-AV) Qwen2 checkpoint into a multimood folder, and back.
+
+    multimood convert PUBLISHED_DIR OUT_DIR [--tokenizer DIR] [--vision_tower DIR] [--audio_tower FILE]
+                      [--mamba_compressor DIR] [--dtype auto|float32|bfloat16|float16]
+                      [--config_overrides JSON] [--strict] [--overwrite] [--verify]
+    multimood convert --to-published MULTIMOOD_DIR OUT_DIR
+
+The published checkpoint is a folder with a `config.json` (model_type `videollama2_qwen2`: a Qwen2 config
+plus the VideoLLaMA extras `mm_projector_type`, `num_frames`, `mm_projector_a_type`, `mem_token_id`, ...)
+and weights in `pytorch_model*.bin` (read with `torch.load(..., weights_only=True)`, never unpickled
+freely) or `*.safetensors` shards, with or without an index json. The output loads with
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`, `AutoProcessor.from_pretrained(...)`
+and `pipeline("emotional-support", model=out, trust_remote_code=True)`.
+
+Renames (published -> multimood), everything else keeps its name:
+
+| published | multimood |
+|---|---|
+| `model.{embed_tokens,layers,norm}.*` | `model.language_model.*` |
+| `model.vision_tower.vision_tower.vision_model.*` | `model.vision_tower.*` (transformers 5 SigLIP layout) |
+| `model.mm_projector.{0,2}.*` (`mlp2x_gelu`) | `model.mm_projector.readout.{0,2}.*` |
+| `model.audio_tower.encoder.pos_conv.0.weight_g` / `weight_v` | `...pos_conv.0.parametrizations.weight.original0` / `original1` |
+| `model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight` | `model.audio_tower.encoder.relative_attention_bias.weight` |
+
+Tensors that are read but not used are reported, never dropped silently: the BEATs AudioSet classifier
+(`predictor.*`), the per-layer copies of the shared relative position bias (layers 1..N-1, checked equal
+to layer 0's), the SigLIP attention-pooling head, recomputed rotary buffers, and the LM head of a model
+with tied embeddings. Unknown tensors are reported too (`--strict` makes them an error). The list goes
+to the log and to `conversion_report.json` in the output folder. A tensor the model needs and no source
+provides is an error that names it.
+
+Vocabulary: the processor is built from `--tokenizer` (or the checkpoint folder when it holds a tokenizer)
+with `MultimoodProcessor.from_tokenizer`; its `<video> <audio> <history> <MEM>` ids go into the config.
+Embedding tables smaller than the tokenizer are extended with the mean of their rows; the compressor's
+`<MEM>` row (the published `mem_token_id`) is copied to the processor's `<MEM>` id when they differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("multimood.convert")
+
+REPORT_NAME = "conversion_report.json"
+PUBLISHED_WEIGHTS_NAME = "pytorch_model.bin"
+
+# `config.json` keys of the published model that the conversion reads.
+USED_CONFIG_KEYS = {
+    "mm_projector_type", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
+    "image_aspect_ratio", "num_frames", "mm_projector_a_type", "mm_hidden_size_a", "hidden_size_a",
+    "tokenizer_model_max_length", "mem_token_id", "mamba_compressor", "tokenizer_len", "mm_vision_tower",
+    "mm_audio_tower", "vision_tower", "audio_tower",
+}
+# Keys of the published config that describe training or bookkeeping and mean nothing to the converted model.
+IGNORED_CONFIG_KEYS = {
+    "architectures", "model_type", "_name_or_path", "transformers_version", "auto_map", "torch_dtype", "dtype",
+    "use_cache", "use_mm_proj", "tune_mm_mlp_adapter", "tune_mm_mlp_adapter_a", "freeze_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter_a", "mm_projector_lr", "mm_use_im_start_end", "mm_use_im_patch_token",
+    "tokenizer_padding_side", "freeze_mamba_compressor", "tune_audio_tower", "tune_vision_tower",
+    "pretrain_projectors_repo", "pretrain_mm_mlp_adapter", "pretrain_mm_mlp_adapter_a", "image_grid_pinpoints",
+    "mm_patch_merge_type", "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "mm_vision_select_feature_a",
+    "mm_audio_select_layer", "tune_adapter_llm", "layer_types",
+}
+# Legacy Qwen2 config spellings that transformers 5 still understands.
+LEGACY_QWEN2_KEYS = {"rope_theta", "rope_scaling", "use_sliding_window", "sliding_window", "max_window_layers"}
+GENERIC_CONFIG_KEYS = {
+    "architectures", "model_type", "_name_or_path", "transformers_version", "auto_map", "torch_dtype", "dtype",
+    "use_cache", "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder",
+}
+# Attention heads of the published SigLIP sizes (the head count is not visible in the tensors).
+SIGLIP_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1152: 16}
+# The published code's fallbacks when its config lacks a value (framework/constants.py, train.py).
+PUBLISHED_DEFAULT_NUM_FRAMES = 8
+PUBLISHED_DEFAULT_ASPECT_RATIO = "square"
+
+BEATS_WEIGHT_NORM = {
+    "encoder.pos_conv.0.weight_g": "encoder.pos_conv.0.parametrizations.weight.original0",
+    "encoder.pos_conv.0.weight_v": "encoder.pos_conv.0.parametrizations.weight.original1",
+}
+_BEATS_LAYER_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.(\w+)$")
+_MLP_INDEX = re.compile(r"^(\d+)\.(weight|bias)$")
+MAMBA_EMBEDDINGS = "model.mamba_compressor.mamba.embeddings.weight"
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted (a missing tensor, an unsupported layout, conflicting inputs)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What happened to every tensor and config key; written as `conversion_report.json`."""
+
+    source: str
+    output: str
+    direction: str = "published->multimood"
+    renamed: dict[str, str] = field(default_factory=dict)  # source key -> output key (identity included)
+    unused: dict[str, str] = field(default_factory=dict)  # source key -> why it is not needed
+    unknown: dict[str, str] = field(default_factory=dict)  # source key -> why it matched nothing
+    adjusted: dict[str, str] = field(default_factory=dict)  # output key -> what was changed
+    other_sources: dict[str, str] = field(default_factory=dict)  # block -> where its weights came from
+    other_sources_unused: dict[str, str] = field(default_factory=dict)  # "file:key" -> reason
+    config_used: dict[str, Any] = field(default_factory=dict)
+    config_ignored: list[str] = field(default_factory=list)
+    config_unknown: list[str] = field(default_factory=list)
+    inferred: dict[str, Any] = field(default_factory=dict)  # config values read off tensor shapes
+    assumed: dict[str, Any] = field(default_factory=dict)  # config values neither given nor inferable
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "output": self.output,
+            "direction": self.direction,
+            "summary": {
+                "converted": len(self.renamed),
+                "unused": len(self.unused),
+                "unknown": len(self.unknown),
+                "adjusted": len(self.adjusted),
+            },
+            "tensors": {
+                "renamed": self.renamed,
+                "unused": self.unused,
+                "unknown": self.unknown,
+                "adjusted": self.adjusted,
+                "other_sources": self.other_sources,
+                "other_sources_unused": self.other_sources_unused,
+            },
+            "config": {
+                "used": self.config_used,
+                "ignored": sorted(self.config_ignored),
+                "unknown": sorted(self.config_unknown),
+                "inferred": self.inferred,
+                "assumed": self.assumed,
+            },
+            "special_tokens": self.special_tokens,
+            "dtype": self.dtype,
+            "notes": self.notes,
+        }
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / REPORT_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+    def log(self) -> None:
+        logger.info("converted %d tensors from %s", len(self.renamed), self.source)
+        for title, entries, level in (("unused", self.unused, logging.WARNING), ("unknown", self.unknown, logging.WARNING)):
+            if entries:
+                logger.log(level, "%d %s tensor(s) in the checkpoint (see %s):", len(entries), title, REPORT_NAME)
+                for pattern, (count, reason) in _group_keys(entries).items():
+                    logger.log(level, "  %s%s: %s", pattern, f" (x{count})" if count > 1 else "", reason)
+        for key, what in self.adjusted.items():
+            logger.info("adjusted %s: %s", key, what)
+        for block, values in self.assumed.items():
+            logger.warning("assumed (neither in the checkpoint nor given): %s = %s", block, values)
+        if self.config_unknown:
+            logger.warning("config.json keys not understood (ignored): %s", ", ".join(sorted(self.config_unknown)))
+        for note in self.notes:
+            logger.warning("note: %s", note)
+
+
+def _group_keys(entries: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """Collapse per-layer keys (`layers.3.` -> `layers.N.`) with the same reason, for a readable log."""
+    groups: dict[str, tuple[int, str]] = {}
+    for key, reason in entries.items():
+        pattern = re.sub(r"\.\d+\.", ".N.", key)
+        count, _ = groups.get(pattern, (0, reason))
+        groups[pattern] = (count + 1, reason)
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def load_weight_file(path: str | os.PathLike) -> dict[str, Any]:
+    """All entries of one `.safetensors` / `.bin` / `.pt` file; pickles are read with `weights_only=True`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def list_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder: those of an index json, else the usual file names."""
+    folder = Path(folder)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not (folder / name).is_file()]
+            if missing:
+                raise ConversionError(f"{index} lists shard(s) that are not in the folder: {', '.join(missing)}")
+            return [folder / name for name in files]
+    for pattern in ("model.safetensors", "pytorch_model.bin", "model-*.safetensors", "pytorch_model-*.bin", "*.safetensors"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise ConversionError(
+        f"{folder}: no weights found (expected an index json, model*.safetensors or pytorch_model*.bin)"
+    )
+
+
+def read_state_dict(folder: str | os.PathLike, report: ConversionReport | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a (sharded) checkpoint folder; duplicate keys across shards and non-tensors are errors/reports."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for file in list_weight_files(folder):
+        for key, value in load_weight_file(file).items():
+            if key in state:
+                raise ConversionError(f"{key} is in both {origin[key]} and {file.name}")
+            if not isinstance(value, torch.Tensor):
+                if report is not None:
+                    report.unknown[key] = f"not a tensor ({type(value).__name__}) in {file.name}"
+                continue
+            state[key] = value
+            origin[key] = file.name
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = Path(folder) / index_name
+        if index.is_file() and report is not None:
+            listed = set((json.loads(index.read_text()).get("weight_map") or {}))
+            absent = sorted(listed - set(state))
+            if absent:
+                report.notes.append(f"{index_name} lists {len(absent)} tensor(s) the shards do not hold: {absent[:5]}")
+            break
+    return state
+
+
+def _read_folder_weights(source: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(folder, tensors) of a local folder or, when online, a Hub repo id (config, safetensors and bin files)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    return path, {k: v for k, v in read_state_dict(path).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# BEATs
+# ----------------------------------------------------------------------------------------------
+
+
+def beats_key(key: str) -> tuple[str | None, str | None]:
+    """(multimood BEATs key, None) for a published BEATs key relative to the tower, or (None, why it is unused).
+
+    Layer 0's relative position bias becomes the one shared `encoder.relative_attention_bias`; the copies of
+    the other layers are unused (the caller checks that they equal layer 0's)."""
+    if key.startswith("predictor.") or key.startswith("predictor_dropout."):
+        return None, "BEATs AudioSet classifier (predictor): not part of the encoder, MultiMood never uses it"
+    if key.startswith("label_embedding."):
+        return None, "BEATs label embedding of pre-training: not part of the encoder"
+    if key in BEATS_WEIGHT_NORM:
+        return BEATS_WEIGHT_NORM[key], None
+    match = _BEATS_LAYER_BIAS.match(key)
+    if match:
+        if match.group(1) == "0":
+            return f"encoder.relative_attention_bias.{match.group(2)}", None
+        return None, "per-layer copy of the relative position bias that all layers share (layer 0's is used)"
+    return key, None
+
+
+def convert_beats_state_dict(
+    state: dict[str, torch.Tensor], unused: dict[str, str] | None = None, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(our-layout tensors, {source key: our key}) of BEATs tensors keyed relative to the tower.
+
+    Unused tensors go to `unused` as {prefix + key: reason}. A per-layer bias copy that differs from layer 0's
+    is reported as such (the published model only ever uses layer 0's)."""
+    converted: dict[str, torch.Tensor] = {}
+    renamed: dict[str, str] = {}
+    for key, value in state.items():
+        new, reason = beats_key(key)
+        if new is None:
+            match = _BEATS_LAYER_BIAS.match(key)
+            if match:
+                first = state.get(f"encoder.layers.0.self_attn.relative_attention_bias.{match.group(2)}")
+                if first is None or first.shape != value.shape or not torch.equal(first, value):
+                    reason = "per-layer relative position bias that DIFFERS from layer 0's; the published model shares layer 0's"
+            if unused is not None:
+                unused[prefix + key] = reason
+            continue
+        converted[new] = value
+        renamed[key] = new
+    return converted, renamed
+
+
+def read_beats_checkpoint(path: str | os.PathLike, unused: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict in our BEATs layout, BEATs cfg) of an original BEATs `.pt` or a VideoLLaMA2 `audio_tower.bin`.
+
+    Read with `weights_only=True`. Prefixes `model.audio_tower.`, `audio_tower.`, `model.` are removed; the
+    weight-norm and shared-bias renames of `beats_key` apply; tensors not needed (the AudioSet `predictor`,
+    the bias copies of layers 1..N-1) go to `unused` (key -> reason) when given, and are logged."""
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    cfg: dict = {}
+    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        cfg = dict(checkpoint.get("cfg") or {})
+        checkpoint = checkpoint["model"]
+    state = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, torch.Tensor):
+            if unused is not None:
+                unused[key] = f"not a tensor ({type(value).__name__})"
+            continue
+        for prefix in ("model.audio_tower.", "audio_tower.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        state[key] = value
+    dropped: dict[str, str] = {}
+    converted, _ = convert_beats_state_dict(state, dropped)
+    if dropped:
+        logger.info("%s: %d BEATs tensor(s) not used: %s", path, len(dropped), sorted(_group_keys(dropped)))
+    if unused is not None:
+        unused.update(dropped)
+    return converted, cfg
+
+
+def beats_config_from_cfg(cfg: dict) -> dict:
+    """The `BeatsConfig` fields of an original BEATs checkpoint's `cfg`."""
+    from .configuration_multimood import BeatsConfig  # noqa: PLC0415
+
+    fields = set(BeatsConfig().to_dict())
+    return {k: v for k, v in cfg.items() if k in fields and k not in ("model_type", "transformers_version")}
+
+
+def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = None) -> tuple[dict, dict, dict]:
+    """(BeatsConfig kwargs, inferred, assumed) from our-layout BEATs tensors (plus an original `cfg`, if any).
+
+    Shapes give the sizes; `max_distance`, `deep_norm`, `layer_norm_first`, `activation_fn` are not visible in
+    the tensors and come from `cfg` or the BEATs defaults (reported as assumed)."""
+    from .configuration_multimood import BeatsConfig  # noqa: PLC0415
+
+    kwargs = beats_config_from_cfg(cfg or {})
+    inferred: dict[str, Any] = {}
+    patch = state.get("patch_embedding.weight")
+    if patch is None:
+        raise ConversionError("BEATs: missing required tensor patch_embedding.weight")
+    inferred["embed_dim"] = int(patch.shape[0])
+    inferred["input_patch_size"] = int(patch.shape[-1])
+    inferred["conv_bias"] = "patch_embedding.bias" in state
+    proj = state.get("post_extract_proj.weight")
+    inferred["encoder_embed_dim"] = int(proj.shape[0]) if proj is not None else inferred["embed_dim"]
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))}
+    if not layers:
+        raise ConversionError("BEATs: no encoder layers (encoder.layers.N.*) in the audio tower tensors")
+    inferred["encoder_layers"] = max(layers) + 1
+    fc1 = state.get("encoder.layers.0.fc1.weight")
+    if fc1 is not None:
+        inferred["encoder_ffn_embed_dim"] = int(fc1.shape[0])
+    bias = state.get("encoder.relative_attention_bias.weight")
+    inferred["relative_position_embedding"] = bias is not None
+    if bias is not None:
+        inferred["num_buckets"] = int(bias.shape[0])
+        inferred["encoder_attention_heads"] = int(bias.shape[1])
+    grep = state.get("encoder.layers.0.self_attn.grep_a")
+    inferred["gru_rel_pos"] = grep is not None
+    if grep is not None:
+        inferred["encoder_attention_heads"] = int(grep.shape[1])
+    direction = state.get(BEATS_WEIGHT_NORM["encoder.pos_conv.0.weight_v"])
+    if direction is not None:
+        inferred["conv_pos"] = int(direction.shape[2])
+        inferred["conv_pos_groups"] = int(direction.shape[0] // direction.shape[1])
+    if "encoder_attention_heads" not in inferred and "encoder_attention_heads" not in kwargs:
+        raise ConversionError("BEATs: the number of attention heads is not visible in the tensors; pass --audio_tower with a cfg")
+    defaults = BeatsConfig()
+    assumed = {
+        name: kwargs.get(name, getattr(defaults, name))
+        for name in ("max_distance", "deep_norm", "layer_norm_first", "activation_fn")
+        if name not in kwargs
+    }
+    kwargs.update(inferred)
+    return kwargs, inferred, assumed
+
+
+# ----------------------------------------------------------------------------------------------
+# Other sub-configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _strip_vision_prefix(key: str) -> str:
+    return key[len("vision_model."):] if key.startswith("vision_model.") else key
+
+
+def siglip_config_from_state(state: dict[str, torch.Tensor], name_hint: str | None = None) -> tuple[dict, dict]:
+    """(SigLIP vision config kwargs, inferred) from SigLIP vision tensors (keys without `vision_model.`)."""
+    patch = state.get("embeddings.patch_embedding.weight")
+    positions = state.get("embeddings.position_embedding.weight")
+    if patch is None or positions is None:
+        raise ConversionError("vision tower: missing required tensor embeddings.patch_embedding.weight / position_embedding.weight")
+    hidden, channels, patch_size = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[-1])
+    side = math.isqrt(int(positions.shape[0]))
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))}
+    fc1 = state.get("encoder.layers.0.mlp.fc1.weight")
+    heads = SIGLIP_HEADS_BY_WIDTH.get(hidden)
+    if heads is None:
+        raise ConversionError(
+            f"vision tower: cannot tell the number of attention heads of a {hidden}-wide SigLIP from its tensors; "
+            "pass --vision_tower with a folder holding its config.json"
+        )
+    inferred = {
+        "hidden_size": hidden, "num_channels": channels, "patch_size": patch_size, "image_size": side * patch_size,
+        "num_hidden_layers": max(layers) + 1 if layers else 0, "num_attention_heads": heads,
+    }
+    if fc1 is not None:
+        inferred["intermediate_size"] = int(fc1.shape[0])
+    kwargs = {"model_type": "siglip_vision_model", **inferred, "vision_use_head": False}
+    if name_hint and "/" in name_hint:
+        kwargs["_name_or_path"] = name_hint
+    return kwargs, inferred
+
+
+def mamba_config_from_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(Mamba config kwargs, inferred) from `mamba.*` tensors (keys relative to the Mamba model)."""
+    from .configuration_multimood import MAMBA_370M  # noqa: PLC0415
+
+    if any(k.endswith("mixer.dt_bias") for k in state):
+        raise ConversionError(
+            "history compressor: these are Mamba2 tensors, whose head layout cannot be read off the shapes; "
+            "pass --mamba_compressor with a folder holding its config.json"
+        )
+    embeddings = state.get("embeddings.weight")
+    in_proj = state.get("layers.0.mixer.in_proj.weight")
+    a_log = state.get("layers.0.mixer.A_log")
+    conv = state.get("layers.0.mixer.conv1d.weight")
+    dt_proj = state.get("layers.0.mixer.dt_proj.weight")
+    for name, value in (("embeddings.weight", embeddings), ("layers.0.mixer.in_proj.weight", in_proj),
+                        ("layers.0.mixer.A_log", a_log), ("layers.0.mixer.conv1d.weight", conv),
+                        ("layers.0.mixer.dt_proj.weight", dt_proj)):
+        if value is None:
+            raise ConversionError(f"history compressor: missing required tensor model.mamba_compressor.mamba.{name}")
+    hidden = int(embeddings.shape[1])
+    intermediate = int(in_proj.shape[0]) // 2
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"^layers\.(\d+)\.", k))}
+    inferred = {
+        "vocab_size": int(embeddings.shape[0]), "hidden_size": hidden, "num_hidden_layers": max(layers) + 1,
+        "state_size": int(a_log.shape[1]), "expand": intermediate // hidden, "intermediate_size": intermediate,
+        "conv_kernel": int(conv.shape[-1]), "time_step_rank": int(dt_proj.shape[1]),
+        "use_bias": "layers.0.mixer.in_proj.bias" in state, "use_conv_bias": "layers.0.mixer.conv1d.bias" in state,
+    }
+    if intermediate % hidden:
+        raise ConversionError(f"history compressor: in_proj width {2 * intermediate} is not 2 x expand x {hidden}")
+    kwargs = {"model_type": "mamba", **{k: v for k, v in MAMBA_370M.items() if k not in inferred}, **inferred}
+    return kwargs, inferred
+
+
+def _qwen2_fields() -> set[str]:
+    from transformers import Qwen2Config  # noqa: PLC0415
+
+    return (set(Qwen2Config().to_dict()) | LEGACY_QWEN2_KEYS) - GENERIC_CONFIG_KEYS - {"layer_types"}
+
+
+def _is_hub_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not os.path.exists(value)
+
+
+def _dominant_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    counts: dict[torch.dtype, int] = defaultdict(int)
+    for value in tensors.values():
+        if value.is_floating_point():
+            counts[value.dtype] += value.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _mean_extend(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """`table` with rows appended up to `rows`, each the mean of the existing rows."""
+    if table.shape[0] >= rows:
+        return table
+    mean = table.float().mean(dim=0, keepdim=True).to(table.dtype)
+    return torch.cat([table, mean.expand(rows - table.shape[0], -1)], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Published -> multimood
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Groups:
+    """Published tensors sorted by block, keyed relative to the block."""
+
+    llm: dict[str, torch.Tensor] = field(default_factory=dict)
+    lm_head: torch.Tensor | None = None
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)  # SigLIP keys without `vision_model.`
+    video_projector: dict[str, torch.Tensor] = field(default_factory=dict)
+    audio: dict[str, torch.Tensor] = field(default_factory=dict)  # published BEATs keys
+    audio_projector: dict[str, torch.Tensor] = field(default_factory=dict)
+    compressor: dict[str, torch.Tensor] = field(default_factory=dict)  # `mamba.*` and `memory_projection.*`
+    source_key: dict[tuple[str, str], str] = field(default_factory=dict)  # (block, relative key) -> published key
+
+
+PREFIXES = (
+    ("vision", "model.vision_tower.vision_tower."),
+    ("video_projector", "model.mm_projector."),
+    ("audio", "model.audio_tower."),
+    ("audio_projector", "model.mm_projector_a."),
+    ("compressor", "model.mamba_compressor."),
+    ("llm", "model."),
+)
+
+
+def split_published(state: dict[str, torch.Tensor], report: ConversionReport) -> _Groups:
+    groups = _Groups()
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            groups.lm_head = value
+            continue
+        for block, prefix in PREFIXES:
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                if block == "vision":
+                    if rest.startswith("vision_model.head.") or rest.startswith("head."):
+                        report.unused[key] = "SigLIP attention-pooling head: MultiMood reads hidden states (vision_use_head=False)"
+                        break
+                    rest = _strip_vision_prefix(rest)
+                if block == "llm" and rest.endswith("rotary_emb.inv_freq"):
+                    report.unused[key] = "rotary frequencies: a buffer recomputed from the config"
+                    break
+                getattr(groups, block)[rest] = value
+                groups.source_key[(block, rest)] = key
+                break
+        else:
+            report.unknown[key] = "matches no block of the published layout"
+    return groups
+
+
+def _video_projector_layout(tensors: dict[str, torch.Tensor], declared: str | None) -> tuple[str, dict]:
+    """(mm_projector_type, connector kwargs) from the video projector tensors."""
+    if any(k.startswith("s1.") for k in tensors):
+        if declared not in (None, "stc_connector_v35"):
+            raise ConversionError(f"mm_projector_type {declared!r} is not supported (only stc_connector_v35 and mlp2x_gelu)")
+        blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"^s1\.b(\d+)\.", k))}
+        readout = {int(m.group(1)) for k in tensors if (m := re.match(r"^readout\.(\d+)\.weight$", k))}
+        sampler = tensors.get("sampler.0.weight")
+        if sampler is None:
+            raise ConversionError("missing required tensor model.mm_projector.sampler.0.weight")
+        kwargs = {
+            "connector_depth": max(blocks),
+            "connector_downsample": [int(x) for x in sampler.shape[2:]],
+            "connector_mlp_depth": len(readout),
+        }
+        return "stc_connector_v35", kwargs
+    linear = sorted(int(m.group(1)) for k in tensors if (m := _MLP_INDEX.match(k)) and m.group(2) == "weight")
+    if linear == [0, 2]:
+        return "mlp2x_gelu", {}
+    raise ConversionError(
+        f"video projector ({declared or 'unknown type'}) with tensors {sorted(tensors)[:6]} is not supported: "
+        "MultiMood has stc_connector_v35 and mlp2x_gelu"
+    )
+
+
+def _audio_projector_type(tensors: dict[str, torch.Tensor]) -> str:
+    if "weight" in tensors:
+        return "linear"
+    linear = sorted(int(m.group(1)) for k in tensors if (m := _MLP_INDEX.match(k)) and m.group(2) == "weight")
+    if linear == [0, 2]:
+        return "mlp2x_gelu"
+    raise ConversionError(f"audio projector tensors {sorted(tensors)} are neither linear nor mlp2x_gelu")
+
+
+def build_processor(tokenizer: str | os.PathLike, model_max_length: int | None = None):
+    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+
+    kwargs = {"model_max_length": int(model_max_length)} if model_max_length else {}
+    return MultimoodProcessor.from_tokenizer(str(tokenizer), **kwargs)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _merge_overrides(kwargs: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            kwargs[key] = {**kwargs[key], **value}
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def _read_published_config(source: Path, report: ConversionReport) -> dict:
+    """The published config.json, its keys sorted into used / ignored / unknown in the report."""
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{source}: no config.json")
+    published = json.loads(config_path.read_text())
+    model_type = str(published.get("model_type", ""))
+    if "qwen2" not in model_type.lower():
+        raise ConversionError(f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)")
+    qwen2_fields = _qwen2_fields()
+    for key in published:
+        if key in USED_CONFIG_KEYS or key in qwen2_fields:
+            report.config_used[key] = published[key]
+        elif key in IGNORED_CONFIG_KEYS:
+            report.config_ignored.append(key)
+        else:
+            report.config_unknown.append(key)
+    return published
+
+
+def _vision_block(groups: _Groups, vision_tower, published: dict, report: ConversionReport) -> dict:
+    """The SigLIP config; fills `groups.vision` from `vision_tower` when the checkpoint has no vision weights."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    vision_config = None
+    if vision_tower is not None:
+        vision_config = AutoConfig.from_pretrained(str(vision_tower))
+        vision_config = getattr(vision_config, "vision_config", vision_config).to_dict()
+        vision_config["vision_use_head"] = False
+        if _is_hub_id(str(vision_tower)):
+            vision_config["_name_or_path"] = str(vision_tower)
+    if groups.vision:
+        report.other_sources["vision_tower"] = "checkpoint"
+        if vision_tower is not None:
+            report.notes.append(f"--vision_tower {vision_tower}: only its config was used (the checkpoint holds the weights)")
+    elif vision_tower is None:
+        raise ConversionError(
+            "the checkpoint holds no vision tower (model.vision_tower.vision_tower.vision_model.*) and no "
+            "--vision_tower FOLDER (SigLIP config and weights) was given"
+        )
+    else:
+        folder, tensors = _read_folder_weights(vision_tower)
+        for key, value in tensors.items():
+            if key.startswith(("text_model.", "logit_", "vision_model.head.", "head.")):
+                report.other_sources_unused[f"{folder.name}:{key}"] = "not part of the SigLIP vision encoder MultiMood uses"
+            else:
+                groups.vision[_strip_vision_prefix(key)] = value
+        report.other_sources["vision_tower"] = str(folder)
+    if vision_config is None:
+        hint = published.get("mm_vision_tower") or published.get("vision_tower")
+        vision_config, inferred = siglip_config_from_state(groups.vision, hint if _is_hub_id(hint) else None)
+        report.inferred["vision_config"] = inferred
+    return vision_config
+
+
+def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tuple[dict, dict[str, str], dict]:
+    """(our-layout BEATs tensors, {our relative key: published key}, BEATs config) from the checkpoint or `audio_tower`."""
+    beats_cfg: dict = {}
+    source_keys: dict[str, str] = {}
+    if groups.audio:
+        unused: dict[str, str] = {}
+        audio_state, renamed = convert_beats_state_dict(groups.audio, unused, prefix="model.audio_tower.")
+        report.unused.update(unused)
+        source_keys = {ours: groups.source_key[("audio", theirs)] for theirs, ours in renamed.items()}
+        report.other_sources["audio_tower"] = "checkpoint"
+        if audio_tower is not None:
+            _, beats_cfg = read_beats_checkpoint(audio_tower)
+            report.notes.append(f"--audio_tower {audio_tower}: only its cfg was used (the checkpoint holds the weights)")
+    elif audio_tower is not None:
+        unused = {}
+        audio_state, beats_cfg = read_beats_checkpoint(audio_tower, unused)
+        report.other_sources_unused.update({f"{Path(audio_tower).name}:{k}": v for k, v in unused.items()})
+        report.other_sources["audio_tower"] = str(audio_tower)
+    else:
+        raise ConversionError(
+            "the checkpoint holds no audio tower (model.audio_tower.*) and no --audio_tower FILE (BEATs .pt/.bin) was given"
+        )
+    audio_config, inferred, assumed = beats_config_from_state(audio_state, beats_cfg)
+    report.inferred["audio_config"] = inferred
+    if assumed:
+        report.assumed["audio_config"] = assumed
+    return audio_state, source_keys, audio_config
+
+
+def _compressor_block(groups: _Groups, mamba_compressor, published: dict, report: ConversionReport) -> dict | None:
+    """The Mamba config of the history compressor (None when the checkpoint has none)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    if not groups.compressor:
+        if mamba_compressor is not None:
+            raise ConversionError(
+                f"--mamba_compressor {mamba_compressor} was given but the checkpoint holds no history compressor "
+                "(model.mamba_compressor.mamba.* and model.mamba_compressor.memory_projection.*)"
+            )
+        if published.get("mamba_compressor"):
+            report.notes.append(
+                f"config.json names a history compressor ({published['mamba_compressor']}) but the checkpoint holds no "
+                "model.mamba_compressor.* tensors: converted without a compressor"
+            )
+        return None
+    if mamba_compressor is not None:
+        config = AutoConfig.from_pretrained(str(mamba_compressor)).to_dict()
+        if _is_hub_id(str(mamba_compressor)):
+            config["_name_or_path"] = str(mamba_compressor)
+        return config
+    mamba_state = {k[len("mamba."):]: v for k, v in groups.compressor.items() if k.startswith("mamba.")}
+    config, inferred = mamba_config_from_state(mamba_state)
+    report.inferred["compressor_config"] = inferred
+    if _is_hub_id(published.get("mamba_compressor")):
+        config["_name_or_path"] = published["mamba_compressor"]
+    return config
+
+
+def _text_block(groups: _Groups, published: dict, report: ConversionReport) -> dict:
+    """The Qwen2 config: the published Qwen2 fields, the vocabulary of the tensors, tying as the checkpoint has it."""
+    text_config = {k: v for k, v in published.items() if k in _qwen2_fields()}
+    text_config["model_type"] = "qwen2"
+    embed = groups.llm.get("embed_tokens.weight")
+    if embed is None:
+        raise ConversionError("missing required tensor model.embed_tokens.weight")
+    if published.get("vocab_size") not in (None, embed.shape[0]):
+        report.notes.append(f"vocab_size {published.get('vocab_size')} in config.json, {embed.shape[0]} in the tensors: using the tensors")
+    text_config["vocab_size"] = int(embed.shape[0])
+    tie = bool(published.get("tie_word_embeddings", False))
+    if groups.lm_head is None and not tie:
+        report.notes.append("no lm_head.weight in the checkpoint: the LM head is tied to the input embeddings")
+        tie = True
+    text_config["tie_word_embeddings"] = tie
+    return text_config
+
+
+def _media_settings(groups: _Groups, published: dict, report: ConversionReport) -> dict[str, Any]:
+    """Projector types, connector shape, frames and aspect ratio (tensors first, then config.json, then the
+    published code's fallbacks, reported as assumed)."""
+    video_type, connector = _video_projector_layout(groups.video_projector, published.get("mm_projector_type"))
+    if published.get("mm_projector_type") not in (None, video_type):
+        raise ConversionError(f"config.json says mm_projector_type {published['mm_projector_type']!r}, the tensors are {video_type}")
+    audio_type = _audio_projector_type(groups.audio_projector)
+    if published.get("mm_projector_a_type") not in (None, audio_type):
+        report.notes.append(
+            f"config.json says mm_projector_a_type {published['mm_projector_a_type']!r} but the tensors are {audio_type}: using {audio_type}"
+        )
+    select_feature = published.get("mm_vision_select_feature", "patch")
+    if select_feature != "patch":
+        raise ConversionError(f"mm_vision_select_feature {select_feature!r} is not supported (MultiMood uses all patches)")
+    if "num_frames" in published:
+        num_frames = int(published["num_frames"])
+    else:
+        num_frames = PUBLISHED_DEFAULT_NUM_FRAMES
+        report.assumed["num_frames"] = num_frames
+    aspect = published.get("image_aspect_ratio")
+    if aspect is None:
+        aspect = PUBLISHED_DEFAULT_ASPECT_RATIO
+        report.assumed["image_aspect_ratio"] = aspect
+    if aspect != "pad":
+        report.notes.append(f"image_aspect_ratio {aspect!r}: frames are resized without padding (image_aspect_ratio='none')")
+    return {
+        "mm_projector_type": video_type,
+        **connector,
+        "mm_projector_a_type": audio_type,
+        "mm_vision_select_layer": int(published.get("mm_vision_select_layer", -2)),
+        "num_frames": num_frames,
+        "image_aspect_ratio": "pad" if aspect == "pad" else "none",
+    }
+
+
+def _collect_tensors(
+    groups: _Groups, audio_state: dict, audio_source_keys: dict[str, str], config, expected: dict[str, tuple],
+    report: ConversionReport,
+) -> dict[str, torch.Tensor]:
+    """Every tensor under its multimood name; names the model lacks are reported as unknown."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(target: str, value: torch.Tensor, source_key: str | None, other: str | None = None) -> None:
+        """Keep `value` as `target`; `source_key` is its checkpoint name, `other` its name in another source."""
+        if target not in expected:
+            reason = f"no such tensor in the multimood model (would be {target})"
+            if source_key is not None:
+                report.unknown[source_key] = reason
+            elif other is not None:
+                report.other_sources_unused[other] = reason
+            return
+        tensors[target] = value
+        if source_key is not None:
+            report.renamed[source_key] = target
+
+    vision_prefix = "model.vision_tower."
+    if any(k.startswith("model.vision_tower.vision_model.") for k in expected):  # transformers 4 SigLIP layout
+        vision_prefix = "model.vision_tower.vision_model."
+    for rest, value in groups.llm.items():
+        put(f"model.language_model.{rest}", value, groups.source_key[("llm", rest)])
+    vision_source = Path(report.other_sources["vision_tower"]).name
+    for rest, value in groups.vision.items():
+        put(vision_prefix + rest, value, groups.source_key.get(("vision", rest)), f"{vision_source}:{rest}")
+    for rest, value in groups.video_projector.items():
+        target = rest if config.mm_projector_type == "stc_connector_v35" else f"readout.{rest}"
+        put(f"model.mm_projector.{target}", value, groups.source_key[("video_projector", rest)])
+    audio_source = Path(report.other_sources["audio_tower"]).name
+    for rest, value in audio_state.items():
+        put(f"model.audio_tower.{rest}", value, audio_source_keys.get(rest), f"{audio_source}:{rest}")
+    for rest, value in groups.audio_projector.items():
+        put(f"model.mm_projector_a.{rest}", value, groups.source_key[("audio_projector", rest)])
+    for rest, value in groups.compressor.items():
+        put(f"model.mamba_compressor.{rest}", value, groups.source_key[("compressor", rest)])
+    if groups.lm_head is not None:
+        if config.tie_word_embeddings:
+            embed = groups.llm["embed_tokens.weight"]
+            same = groups.lm_head.shape == embed.shape and torch.equal(groups.lm_head, embed)
+            report.unused["lm_head.weight"] = "tied to model.embed_tokens.weight (tie_word_embeddings=true)" + (
+                "" if same else "; it DIFFERS from the embeddings, which the published model would use instead"
+            )
+        else:
+            put("lm_head.weight", groups.lm_head, "lm_head.weight")
+    return tensors
+
+
+def _fit_vocabulary(tensors: dict[str, torch.Tensor], vocab: int, mem_token_id: int, published_mem: int | None,
+                    report: ConversionReport) -> None:
+    """Extend embedding tables to `vocab` rows (mean rows) and copy the compressor's published <MEM> row to ours."""
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight", MAMBA_EMBEDDINGS):
+        if key in tensors and tensors[key].shape[0] < vocab:
+            report.adjusted[key] = f"{tensors[key].shape[0]} -> {vocab} rows (new rows = mean of the old ones)"
+            tensors[key] = _mean_extend(tensors[key], vocab)
+    if MAMBA_EMBEDDINGS not in tensors:
+        return
+    if published_mem is None:
+        report.notes.append("config.json has no mem_token_id: the compressor's <MEM> row is taken as is")
+    elif int(published_mem) != mem_token_id:
+        table = tensors[MAMBA_EMBEDDINGS].clone()
+        table[mem_token_id] = table[int(published_mem)]
+        tensors[MAMBA_EMBEDDINGS] = table
+        moved = f"row {mem_token_id} (<MEM> of the processor) = row {published_mem} (published mem_token_id)"
+        earlier = report.adjusted.get(MAMBA_EMBEDDINGS)
+        report.adjusted[MAMBA_EMBEDDINGS] = f"{earlier}; {moved}" if earlier else moved
+
+
+def _check_complete(tensors: dict, expected: dict[str, tuple], config, source: Path, report: ConversionReport,
+                    strict: bool) -> None:
+    needed = [k for k in expected if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        names = [f"{to_published_key(k, config) or k} (multimood: {k})" for k in missing]
+        raise ConversionError(f"missing required tensor(s) in {source}: " + "; ".join(names[:20])
+                              + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
+    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}" for k, v in tensors.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise ConversionError("tensor shapes do not match the inferred config: " + "; ".join(wrong[:10]))
+    if strict and report.unknown:
+        raise ConversionError(f"--strict: {len(report.unknown)} unknown tensor(s): {sorted(report.unknown)[:10]}")
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    vision_tower: str | os.PathLike | None = None,
+    audio_tower: str | os.PathLike | None = None,
+    mamba_compressor: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    config_overrides: dict | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    verify: bool = False,
+) -> ConversionReport:
+    """Convert the published checkpoint folder `source` into the multimood folder `output` (see the module doc).
+
+    The model is assembled on the meta device and takes the (memory-mapped) checkpoint tensors as they are
+    (`load_state_dict(assign=True)`), so a 7B checkpoint is converted without a second copy in memory."""
+    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
+    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+
+    source, output = Path(source).expanduser(), Path(output).expanduser()
+    _check_output(output, overwrite)
+    report = ConversionReport(source=str(source), output=str(output))
+    published = _read_published_config(source, report)
+    groups = split_published(read_state_dict(source, report), report)
+
+    if tokenizer is None:
+        if not _has_tokenizer(source):
+            raise ConversionError(f"no tokenizer: {source} holds no tokenizer files; pass --tokenizer FOLDER")
+        tokenizer = source
+    processor = build_processor(tokenizer, published.get("tokenizer_model_max_length"))
+    ids = processor.special_token_ids
+    report.special_tokens = {**ids, "pad_token_id": processor.pad_token_id, "len_tokenizer": len(processor.tokenizer)}
+
+    vision_config = _vision_block(groups, vision_tower, published, report)
+    audio_state, audio_source_keys, audio_config = _audio_block(groups, audio_tower, report)
+    compressor_config = _compressor_block(groups, mamba_compressor, published, report)
+    text_config = _text_block(groups, published, report)
+    # The vocabulary must hold every processor token; the compressor reads the LLM's ids.
+    vocab = max(text_config["vocab_size"], len(processor.tokenizer))
+    text_config.update(vocab_size=vocab, pad_token_id=processor.pad_token_id)
+    if text_config.get("eos_token_id") is None and processor.tokenizer.eos_token_id is not None:
+        text_config["eos_token_id"] = processor.tokenizer.eos_token_id
+    if compressor_config is not None:
+        compressor_config["vocab_size"] = vocab
+    kwargs: dict[str, Any] = {
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "audio_config": audio_config,
+        "compressor_config": compressor_config,
+        **_media_settings(groups, published, report),
+        "image_size": int(vision_config["image_size"]),
+        **ids,
+    }
+    if config_overrides:
+        kwargs = _merge_overrides(kwargs, config_overrides)
+        report.notes.append(f"config overrides applied: {json.dumps(config_overrides, default=str)}")
+    config = MultimoodConfig(**kwargs)
+
+    with torch.device("meta"):  # a skeleton: names and shapes, no memory
+        model = MultimoodForConditionalGeneration(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors = _collect_tensors(groups, audio_state, audio_source_keys, config, expected, report)
+    del groups, audio_state
+    _fit_vocabulary(tensors, config.text_config.vocab_size, ids["mem_token_id"], published.get("mem_token_id"), report)
+    _check_complete(tensors, expected, config, source, report, strict)
+
+    target_dtype = _dominant_dtype(tensors) if dtype == "auto" else getattr(torch, dtype)
+    cast = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != target_dtype)
+    if cast:
+        report.notes.append(f"{len(cast)} tensor(s) cast to {target_dtype}: {cast[:5]}")
+        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    report.dtype = str(target_dtype).replace("torch.", "")
+    config.dtype = target_dtype
+    config.tokenizer_model_max_length = processor.model_max_length
+    model.load_state_dict(tensors, strict=True if not config.tie_word_embeddings else False, assign=True)
+    model.tie_weights()
+
+    from .train import sync_processor_with_config  # noqa: PLC0415
+
+    sync_processor_with_config(processor, config)
+    if output.exists():
+        shutil.rmtree(output)  # only now: a failed conversion leaves an existing output alone
+    output.mkdir(parents=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    _save_pipeline_files(output)
+    del model
+    if verify:
+        _verify(output, tensors, report)
+    report.write(output)
+    report.log()
+    return report
+
+
+def _save_pipeline_files(output: Path) -> None:
+    """Declare the "emotional-support" pipeline in the folder (when the pipeline module is available)."""
+    try:
+        from .pipeline_multimood import save_pipeline_files  # noqa: PLC0415
+    except ImportError:
+        return
+    save_pipeline_files(output)
+
+
+def _verify(output: Path, tensors: dict[str, torch.Tensor], report: ConversionReport) -> None:
+    """Reload the saved folder and compare every tensor with what was converted."""
+    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+
+    reloaded = MultimoodForConditionalGeneration.from_pretrained(output, dtype="auto").state_dict()
+    bad = [k for k, v in tensors.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
+    if bad:
+        raise ConversionError(f"verification failed: {len(bad)} tensor(s) differ after reloading {output}: {bad[:10]}")
+    report.notes.append(f"verified: {len(tensors)} tensors reload identically")
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """A non-empty output folder is an error unless `overwrite` (it is replaced only once the conversion succeeded)."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ConversionError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+
+
+# ----------------------------------------------------------------------------------------------
+# multimood -> published
+# ----------------------------------------------------------------------------------------------
+
+
+def to_published_key(key: str, config) -> str | None:
+    """The published name of a multimood tensor (None for tensors the published layout lacks)."""
+    if key == "lm_head.weight":
+        return key
+    for ours, theirs in (
+        ("model.language_model.", "model."),
+        ("model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
+        ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+        ("model.mamba_compressor.", "model.mamba_compressor."),
+        ("model.mm_projector_a.", "model.mm_projector_a."),
+    ):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    if key.startswith("model.mm_projector."):
+        rest = key[len("model.mm_projector."):]
+        if config.mm_projector_type == "mlp2x_gelu" and rest.startswith("readout."):
+            rest = rest[len("readout."):]
+        return "model.mm_projector." + rest
+    if key.startswith("model.audio_tower."):
+        rest = key[len("model.audio_tower."):]
+        inverse = {v: k for k, v in BEATS_WEIGHT_NORM.items()}
+        if rest in inverse:
+            rest = inverse[rest]
+        elif rest.startswith("encoder.relative_attention_bias."):
+            rest = "encoder.layers.0.self_attn.relative_attention_bias." + rest.split(".", 2)[2]
+        return "model.audio_tower." + rest
+    return None
+
+
+def published_config(config, tokenizer_len: int | None = None) -> dict[str, Any]:
+    """A `videollama2_qwen2` config.json for a multimood config (Qwen2 fields at the top, VideoLLaMA extras)."""
+    text = config.text_config.to_dict()
+    out = {k: v for k, v in text.items() if k not in GENERIC_CONFIG_KEYS and k != "layer_types"}
+    rope = text.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    out.update(
+        architectures=["Videollama2Qwen2ForCausalLM"],
+        model_type="videollama2_qwen2",
+        torch_dtype=str(config.dtype).replace("torch.", "") if config.dtype is not None else "float32",
+        mm_vision_tower=config.vision_config._name_or_path or "google/siglip-so400m-patch14-384",
+        mm_projector_type=config.mm_projector_type,
+        mm_hidden_size=config.vision_config.hidden_size,
+        mm_vision_select_layer=config.mm_vision_select_layer,
+        mm_vision_select_feature="patch",
+        image_aspect_ratio=config.image_aspect_ratio if config.image_aspect_ratio == "pad" else "square",
+        num_frames=config.num_frames,
+        mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+        mm_projector_a_type=config.mm_projector_a_type,
+        mm_hidden_size_a=config.audio_config.encoder_embed_dim,
+        hidden_size_a=config.text_config.hidden_size,
+        tokenizer_model_max_length=getattr(config, "tokenizer_model_max_length", None) or 2048,
+        use_mm_proj=True,
+    )
+    if config.compressor_config is not None:
+        out["mamba_compressor"] = config.compressor_config._name_or_path or "state-spaces/mamba-370m-hf"
+        out["mem_token_id"] = config.mem_token_id
+        out["tokenizer_len"] = tokenizer_len or config.text_config.vocab_size
+    return out
+
+
+def export_published(
+    source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
+) -> ConversionReport:
+    """Write a multimood folder in the published layout (`config.json` + `pytorch_model.bin` + tokenizer files).
+
+    The BEATs classifier (`predictor`) is not restored (the multimood model has none); the shared relative
+    position bias is written once per layer, as the published state dict holds it."""
+    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
+
+    source, output = Path(source).expanduser(), Path(output).expanduser()
+    _check_output(output, overwrite)
+    report = ConversionReport(source=str(source), output=str(output), direction="multimood->published")
+    config = MultimoodConfig.from_pretrained(source)
+    state = read_state_dict(source, report)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = to_published_key(key, config)
+        if name is None:
+            report.unknown[key] = "no published counterpart"
+            continue
+        if key == "model.audio_tower.encoder.relative_attention_bias.weight":
+            for layer in range(config.audio_config.encoder_layers):
+                copy = f"model.audio_tower.encoder.layers.{layer}.self_attn.relative_attention_bias.weight"
+                out[copy] = value  # one storage, saved once by torch.save, as in the published model
+            report.renamed[key] = name
+            report.adjusted[name] = f"shared by the {config.audio_config.encoder_layers} layers (one key per layer)"
+            continue
+        out[name] = value
+        report.renamed[key] = name
+    if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        report.adjusted["lm_head.weight"] = "tied: the input embeddings"
+    report.notes.append("the BEATs AudioSet classifier (predictor) is not part of a multimood model and is not written")
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    torch.save(out, output / PUBLISHED_WEIGHTS_NAME)
+    tokenizer_len = None
+    if _has_tokenizer(source):
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                     "added_tokens.json", "chat_template.jinja"):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, output / name)
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        tokenizer_len = len(AutoTokenizer.from_pretrained(str(source), trust_remote_code=True))
+    config_text = json.dumps(published_config(config, tokenizer_len), indent=2, default=str)
+    (output / "config.json").write_text(config_text + "\n")
+    report.write(output)
+    report.log()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multimood convert",
+        description="Convert a published MultiMood / VideoLLaMA 2 (Qwen2) checkpoint folder into a multimood folder "
+                    "(or, with --to-published, a multimood folder into the published layout).",
+    )
+    parser.add_argument("source", help="published checkpoint folder (config.json + weights), or a multimood folder with --to-published")
+    parser.add_argument("output", help="output folder (must be empty or absent unless --overwrite)")
+    parser.add_argument("--tokenizer", help="tokenizer folder for the processor (default: the checkpoint folder)")
+    parser.add_argument("--vision_tower", "--vision-tower",
+                        help="SigLIP folder / Hub id: its config, and its weights when the checkpoint has none")
+    parser.add_argument("--audio_tower", "--audio-tower",
+                        help="BEATs .pt/.bin: its cfg, and its weights when the checkpoint has none")
+    parser.add_argument("--mamba_compressor", "--mamba-compressor",
+                        help="Mamba / Mamba2 config folder of the history compressor (default: read off the tensors)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (auto: the checkpoint's dominant dtype)")
+    parser.add_argument("--config_overrides", "--config-overrides",
+                        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"num_frames\": 16}'")
+    parser.add_argument("--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
+    parser.add_argument("--to-published", "--to_published", dest="to_published", action="store_true",
+                        help="export a multimood folder in the published VideoLLaMA 2 layout")
+    return parser
+
+
+def _read_json_arg(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    text = value.strip()
+    return json.loads(text if text.startswith("{") else Path(value).expanduser().read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        if args.to_published:
+            report = export_published(args.source, args.output, overwrite=args.overwrite)
+        else:
+            report = convert(
+                args.source, args.output, tokenizer=args.tokenizer, vision_tower=args.vision_tower,
+                audio_tower=args.audio_tower, mamba_compressor=args.mamba_compressor, dtype=args.dtype,
+                config_overrides=_read_json_arg(args.config_overrides), strict=args.strict,
+                overwrite=args.overwrite, verify=args.verify,
+            )
+    except ConversionError as error:
+        print(f"multimood convert: error: {error}", file=sys.stderr)
+        return 1
+    summary = report.to_dict()["summary"]
+    print(
+        f"wrote {args.output}: {summary['converted']} tensors converted, {summary['unused']} unused, "
+        f"{summary['unknown']} unknown (details in {Path(args.output) / REPORT_NAME})"
+    )
+    return 0
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "beats_config_from_cfg",
+    "beats_config_from_state",
+    "beats_key",
+    "convert",
+    "convert_beats_state_dict",
+    "export_published",
+    "list_weight_files",
+    "load_weight_file",
+    "main",
+    "mamba_config_from_state",
+    "published_config",
+    "read_beats_checkpoint",
+    "read_state_dict",
+    "siglip_config_from_state",
+    "to_published_key",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

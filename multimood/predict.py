@@ -1,0 +1,189 @@
+"""`multimood predict`: answer every record of a JSONL file with the "emotional-support" pipeline.
+
+    multimood predict --model DIR --data records.jsonl --video_folder clips/ --output preds.jsonl \\
+        [--batch_size 8] [--max_new_tokens 256] [--no-constrained] [--limit N] [--device cuda:0] [--dtype bfloat16]
+
+Each output line holds `index` (the record's position in the input), `Dialogue_ID` (when the record
+has one), `prediction` (the generated four-line answer), `reference` (the gold answer from the
+processor's `format_target`, when the record has its targets), the parsed `client_emotion`,
+`therapist_emotion`, `strategy`, `response`, and `unknown_labels` when a label is missing or outside
+the label sets. The file is what `multimood evaluate` reads. Lines are written as batches finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimood predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a saved MultiMood model folder (model + processor)")
+    parser.add_argument("--data", required=True, help="records: JSONL (one record per line) or a JSON list")
+    parser.add_argument("--video_folder", default=None, help="folder the records' clip names are relative to")
+    parser.add_argument("--output", required=True, help="predictions JSONL to write")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="force the label lines to the label sets (default); --no-constrained generates freely")
+    parser.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    parser.add_argument("--device", default=None,
+                        help="as in transformers: -1 / cpu / 0 / cuda:1 (default: GPU 0 if any)")
+    parser.add_argument("--device_map", default=None, help="as in transformers, e.g. auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip_errors", action="store_true",
+                        help="leave out (and report) records that cannot be processed instead of stopping")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Records from a JSONL file (blank lines skipped) or a JSON list."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} is {type(record).__name__}, expected an object")
+    return records
+
+
+def _device(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def load_pipeline(model: str, device=None, device_map=None, dtype="auto") -> EmotionalSupportPipeline:
+    """The pipeline of a saved folder (its model and processor code, this package's pipeline class)."""
+    from transformers import pipeline  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device is not None:
+        kwargs["device"] = device
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return pipeline(TASK, model=model, trust_remote_code=True, pipeline_class=EmotionalSupportPipeline, **kwargs)
+
+
+def reference_of(processor, record: dict, index: int) -> str | None:
+    """The gold four-line answer of a record, or None when it lacks targets."""
+    if not all(record.get(k) for k in ("get_emotion_user_most_recent", "Emotion", "Strategy", "Utterance")):
+        return None
+    try:
+        return processor.format_target(record, index=index)
+    except ValueError:
+        return None
+
+
+def output_line(index: int, record: dict, answer: dict, reference: str | None) -> dict:
+    line: dict[str, Any] = {"index": index}
+    if isinstance(record, dict) and record.get("Dialogue_ID") is not None:
+        line["Dialogue_ID"] = record["Dialogue_ID"]
+    line["prediction"] = answer["generated_text"]
+    if reference is not None:
+        line["reference"] = reference
+    for field in ANSWER_FIELDS:
+        line[field] = answer.get(field)
+    if answer.get("unknown_labels"):
+        line["unknown_labels"] = answer["unknown_labels"]
+    return line
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit("--batch_size must be >= 1")
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    from transformers import set_seed  # noqa: PLC0415
+
+    records = read_records(args.data)
+    if args.limit is not None:
+        records = records[: args.limit]
+    set_seed(args.seed)
+    start = time.time()
+    pipe = load_pipeline(args.model, _device(args.device), args.device_map, args.dtype)
+    generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.do_sample:
+        generate_kwargs["do_sample"] = True
+    for name in ("temperature", "top_p", "num_beams"):
+        if getattr(args, name) is not None:
+            generate_kwargs[name] = getattr(args, name)
+    call_kwargs = {"video_folder": args.video_folder, "constrained": args.constrained, **generate_kwargs}
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = unknown = 0
+    errors: list[str] = []
+    load_time = time.time() - start
+    with output.open("w", encoding="utf-8") as handle, tqdm(
+        total=len(records), unit="record", desc="predict", disable=args.quiet
+    ) as bar:
+        for begin in range(0, len(records), args.batch_size):
+            chunk = records[begin : begin + args.batch_size]
+            indices = list(range(begin, begin + len(chunk)))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*answers have labels.*")
+                try:
+                    answers = pipe(chunk, batch_size=len(chunk), **call_kwargs)
+                    pairs = list(zip(indices, chunk, answers))
+                except (ValueError, OSError, RuntimeError):
+                    if not args.skip_errors:
+                        raise
+                    pairs = []
+                    for index, record in zip(indices, chunk):  # find the records that fail
+                        try:
+                            pairs.append((index, record, pipe(record, **call_kwargs)))
+                        except (ValueError, OSError, RuntimeError) as single_error:
+                            errors.append(f"record {index}: {single_error}")
+            for index, record, answer in pairs:
+                line = output_line(index, record, answer, reference_of(pipe.processor, record, index))
+                unknown += bool(line.get("unknown_labels"))
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                written += 1
+            handle.flush()
+            bar.update(len(chunk))
+    elapsed = time.time() - start - load_time
+    summary = (
+        f"[predict] wrote {written} predictions to {output} in {elapsed:.1f} s "
+        f"({written / max(elapsed, 1e-9):.2f} records/s, batch_size {args.batch_size}, "
+        f"{'constrained' if args.constrained else 'free'} decoding)"
+    )
+    if unknown:
+        summary += f"; {unknown} with labels outside the label sets (see `unknown_labels`)"
+    if errors:
+        summary += f"; {len(errors)} record(s) skipped"
+    print(summary, file=sys.stderr)
+    for message in errors:
+        print(f"[predict] skipped {message}", file=sys.stderr)
+    return 0
+
+
+main = predict_main
+
+if __name__ == "__main__":
+    sys.exit(predict_main())
