@@ -34,7 +34,9 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
+from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_checkpoint
 from .dataset_builder import load_dialogues
+from .hub import check_hub_reachable, prepare_upload_folder, push_to_hub
 
 logger = logging.getLogger("multimood.train")
 
@@ -282,40 +284,6 @@ def read_model_config(value: str | dict | None) -> dict:
     return json.loads(Path(value).expanduser().read_text())
 
 
-def read_beats_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict in our BEATs layout, BEATs cfg) of an original BEATs `.pt` or a VideoLLaMA2 `audio_tower.bin`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = {}
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        cfg = dict(checkpoint.get("cfg") or {})
-        checkpoint = checkpoint["model"]
-    state = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for prefix in ("model.audio_tower.", "audio_tower.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if key.startswith("predictor") or key.startswith("label_embedding"):
-            continue
-        key = key.replace("encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.parametrizations.weight.original0")
-        key = key.replace("encoder.pos_conv.0.weight_v", "encoder.pos_conv.0.parametrizations.weight.original1")
-        if ".relative_attention_bias." in key and key.startswith("encoder.layers."):
-            if not key.startswith("encoder.layers.0."):
-                continue
-            key = "encoder.relative_attention_bias." + key.split(".relative_attention_bias.", 1)[1]
-        state[key] = value
-    return state, cfg
-
-
-def _beats_config_from_cfg(cfg: dict) -> dict:
-    from .configuration_multimood import BeatsConfig  # noqa: PLC0415
-
-    fields = set(BeatsConfig().to_dict())
-    return {k: v for k, v in cfg.items() if k in fields and k not in ("model_type", "transformers_version")}
-
-
 def build_processor(model_args: ModelArguments, data_args: DataArguments, training_args: MultimoodTrainingArguments,
                     model_config: dict):
     from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
@@ -402,7 +370,7 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, processor
         kwargs["compressor_config"] = AutoConfig.from_pretrained(model_args.mamba_compressor).to_dict()
     if model_args.audio_tower and "audio_config" not in model_config:
         _, cfg = read_beats_checkpoint(model_args.audio_tower)
-        kwargs["audio_config"] = _beats_config_from_cfg(cfg)
+        kwargs["audio_config"] = beats_config_from_cfg(cfg)
     for name in ("mm_projector_type", "mm_projector_a_type", "mm_vision_select_layer"):
         if getattr(model_args, name) is not None:
             kwargs[name] = getattr(model_args, name)
@@ -623,6 +591,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
     transformers.set_seed(training_args.seed)
+    # The Trainer would push output_dir as is (checkpoints, its own card): we push a prepared folder at the end,
+    # and check the Hub answers before spending the training time.
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    if push:
+        check_hub_reachable(repo_id)
     model, processor = build_model_and_processor(model_args, data_args, training_args)
     if training_args.lora_enable:
         model = apply_lora(model, model_args, training_args)
@@ -658,8 +632,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:
         processor.save_pretrained(training_args.output_dir)
+    merged_dir = None
     if training_args.lora_enable and training_args.merge_lora:
-        save_lora_merged(trainer, processor, training_args.output_dir)
+        merged_dir = save_lora_merged(trainer, processor, training_args.output_dir)
+    if push and trainer.args.should_save:
+        if training_args.lora_enable and merged_dir is None:
+            raise ValueError("--push_to_hub with LoRA needs the merged model (--merge_lora True)")
+        folder = prepare_upload_folder(
+            merged_dir or training_args.output_dir, None, Path(training_args.output_dir) / "hub_upload",
+            training_args={**training_args.to_dict(), "world_size": training_args.world_size},
+            repo_id=repo_id, overwrite=True,
+        )
+        push_to_hub(folder, repo_id, token=training_args.hub_token, private=bool(training_args.hub_private_repo))
     return trainer, result
 
 

@@ -40,3 +40,14 @@ def test_launchers_compose_parseable_flags(script, tmp_path):
     else:
         assert not training_args.lora_enable and training_args.learning_rate == pytest.approx(2e-5)
         assert training_args.deepspeed.endswith("zero3.json")
+
+
+def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
+    """`run_multimood.py --push_to_hub` checks the Hub first: offline it stops at once, naming the repo."""
+    from multimood.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="'someone/multimood-test'.*offline"):
+        main(["--data_path", str(tmp_path / "never_read.jsonl"), "--output_dir", str(tmp_path / "out"),
+              "--push_to_hub", "True", "--hub_model_id", "someone/multimood-test"])
+    assert not (tmp_path / "out").exists()
