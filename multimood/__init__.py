@@ -19,6 +19,7 @@ from .configuration_multimood import BeatsConfig, MultimoodConfig
 from .modeling_beats import BeatsModel
 from .feature_extraction_multimood import MultimoodFeatureExtractor
 from .modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
+from .pipeline_multimood import EmotionalSupportPipeline, save_pipeline_files
 from .processing_multimood import MultimoodDataCollator, MultimoodProcessor, parse_output
 from .video_processing_multimood import MultimoodVideoProcessor
 
@@ -41,6 +42,7 @@ MultimoodForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM"
 __all__ = [
     "BeatsConfig",
     "BeatsModel",
+    "EmotionalSupportPipeline",
     "MultimoodDataCollator",
     "MultimoodFeatureExtractor",
     "MultimoodProcessor",
@@ -50,4 +52,5 @@ __all__ = [
     "MultimoodModel",
     "MultimoodPreTrainedModel",
     "parse_output",
+    "save_pipeline_files",
 ]

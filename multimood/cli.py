@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": ("multimood.convert_videollama2_to_multimood", "main", "convert a published MultiMood / VideoLLaMA 2 checkpoint (or back with --to-published)"),
     "push": ("multimood.hub", "push_main", "build the Hub folder (card, remote code, pipeline) of a saved model and upload it"),
     "data": ("multimood.dataset_builder", "main", "convert MESC / ESConv to the record JSONL, validate record files"),
+    "predict": ("multimood.predict", "predict_main", "answer a records JSONL with the emotional-support pipeline -> predictions JSONL for `multimood evaluate`"),
     "evaluate": ("multimood.evaluation", "main", "paper-compatible and strict metrics of a predictions JSONL"),
 }
 

@@ -240,6 +240,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: PLC0415
 
     from . import train as multimood_train  # noqa: PLC0415
+    from .pipeline_multimood import EmotionalSupportPipeline  # noqa: PLC0415
 
     start = time.time()
     output_dir = Path(args.output_dir).resolve()
@@ -297,12 +298,10 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[quickstart] reloading {output_dir} with AutoModelForCausalLM / AutoProcessor", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(str(output_dir), trust_remote_code=True)
-    model.eval()
     record = records[0]
-    inputs = processor(records=[record], video_folder=str(video_dir))
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=48, do_sample=False)
-    prediction = processor.post_process_output(generated[:, inputs["input_ids"].shape[1]:])[0]
+    # The pipeline constrains the three label lines to the label sets, as `multimood predict` does.
+    support = EmotionalSupportPipeline(model=model.eval(), processor=processor, device="cpu")
+    prediction = support(record, video_folder=str(video_dir), max_new_tokens=48)
     summary = {
         "output_dir": str(output_dir),
         "first_loss": losses[0] if losses else None,

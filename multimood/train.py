@@ -37,6 +37,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_checkpoint
 from .dataset_builder import load_dialogues
 from .hub import check_hub_reachable, prepare_upload_folder, push_to_hub
+from .pipeline_multimood import save_pipeline_files
 
 logger = logging.getLogger("multimood.train")
 
@@ -577,6 +578,7 @@ def save_lora_merged(trainer: Trainer, processor, output_dir: str) -> str | None
             state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
             merged.save_pretrained(merged_dir, state_dict=state)
             processor.save_pretrained(merged_dir)
+            save_pipeline_files(merged_dir)
     return merged_dir if trainer.args.should_save else None
 
 
@@ -632,6 +634,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:
         processor.save_pretrained(training_args.output_dir)
+        if os.path.isfile(os.path.join(training_args.output_dir, "config.json")):  # not for a LoRA adapter folder
+            save_pipeline_files(training_args.output_dir)
     merged_dir = None
     if training_args.lora_enable and training_args.merge_lora:
         merged_dir = save_lora_merged(trainer, processor, training_args.output_dir)

@@ -388,21 +388,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(mesc_mixed, tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
 
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, script, *_mixed_argv(mesc_mixed, part, *steps)], env=env, cwd=str(REPO_ROOT),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / "killed_run.log"  # a file, not a pipe: nobody reads the output while the run goes on
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, script, *_mixed_argv(mesc_mixed, part, *steps)], env=env,
+                                cwd=str(REPO_ROOT), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint = part / "checkpoint-2"
     deadline = time.monotonic() + 240
     try:
         while not _complete_checkpoint(checkpoint) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         finished = proc.poll() is not None
-        os.kill(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+        if not finished:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert not finished, f"the run ended before it could be killed (rc {proc.returncode}): {err[-3000:]}"
+            proc.wait()
+    assert not finished, f"the run ended before it could be killed (rc {proc.returncode}): {log.read_text()[-3000:]}"
     assert proc.returncode == -signal.SIGKILL
     assert _complete_checkpoint(checkpoint), "no complete checkpoint-2 before the deadline"
     assert not (part / "model.safetensors").exists() and not (part / "checkpoint-6").exists()  # really interrupted
