@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -111,8 +112,19 @@ class BeatsPositionalConvEmbedding(nn.Sequential):
         dim = config.encoder_embed_dim
         conv = nn.Conv1d(dim, dim, kernel_size=config.conv_pos, padding=config.conv_pos // 2, groups=config.conv_pos_groups)
         # dim=2: one magnitude per kernel tap, shared over all channels (as in wav2vec 2.0 / BEATs).
-        conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        if not is_deepspeed_zero3_enabled():
+            conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+            super().__init__(conv, BeatsSamePad(config.conv_pos), nn.GELU())
+            return
+        # ZeRO-3 partitions the weight as soon as the conv is built: weight-norm the gathered weight, and let this
+        # module's forward gather (g, v), which live on the parametrization that nothing calls.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(conv.weight, modifier_rank=0):
+            conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
         super().__init__(conv, BeatsSamePad(config.conv_pos), nn.GELU())
+        deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original0)
+        deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, dim) -> (batch, tokens, dim)."""
@@ -334,13 +346,15 @@ class BeatsPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             self._torch_default_init(module)
-        elif isinstance(module, nn.Conv1d) and parametrize.is_parametrized(module, "weight"):
-            # The weight-normed positional conv: v ~ N(0, 4 / (kernel * dim)), g = ||v|| per kernel tap,
-            # so the reparametrised weight starts equal to v.
-            direction = module.parametrizations.weight.original1
-            std = math.sqrt(4.0 / (module.kernel_size[0] * module.in_channels))
+        elif isinstance(module, parametrize.ParametrizationList) and hasattr(module, "original1"):
+            # (g, v) of the weight-normed positional conv, on the module that owns them (so that ZeRO-3's per-module
+            # gathering covers them): v (dim, dim / groups, kernel) ~ N(0, 4 / (kernel * dim)), g = ||v|| per
+            # kernel tap, so the reparametrised weight starts equal to v.
+            direction = module.original1
+            std = math.sqrt(4.0 / (direction.shape[2] * direction.shape[0]))
             init.normal_(direction, mean=0.0, std=std)
-            init.copy_(module.parametrizations.weight.original0, torch.norm_except_dim(direction, 2, 2))
+            init.copy_(module.original0, torch.norm_except_dim(direction, 2, 2))
+        elif isinstance(module, nn.Conv1d) and parametrize.is_parametrized(module, "weight"):
             init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)

@@ -140,7 +140,7 @@ def sample_data(tmp_path_factory):
     """The quickstart's synthetic clips, dialogues and small tokenizer (no shared data needed)."""
     root = tmp_path_factory.mktemp("sample")
     records, videos = quickstart.write_sample_data(root)
-    quickstart.train_tokenizer(mm_train.read_records(records), root / "tokenizer")
+    quickstart.train_tokenizer(mm_train.load_records(records), root / "tokenizer")
     return {"records": records, "videos": videos, "tokenizer": root / "tokenizer"}
 
 
@@ -519,15 +519,9 @@ def test_ddp_two_ranks_mixed_modalities(mesc_mixed, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero3_two_ranks_saves_full_weights(mesc_mixed, tmp_path):
     """ZeRO-3 (run_scripts/zero3.json, gather_16bit_weights_on_model_save) on 2 CPU ranks with mixed modalities:
-    trains, saves full (unpartitioned) weights that reload with the trained model's logits.
-
-    Expected to fail (xfail) while BEATs' positional conv is built with weight_norm on a weight that zero.Init has
-    already partitioned; test_deepspeed_configs still validates zero3.json through TrainingArguments(deepspeed=...)."""
+    trains, saves full (unpartitioned) weights that reload with the trained model's logits."""
     if not _deepspeed_available():
         pytest.skip("deepspeed is not installed")
     out, logs = tmp_path / "zero3", tmp_path / "logs"
     proc = _torchrun_two_ranks(mesc_mixed, out, logs, "--deepspeed", str(RUN_SCRIPTS / "zero3.json"))
-    if proc.returncode != 0 and "norm_except_dim" in proc.stderr and "modeling_beats.py" in proc.stderr:
-        pytest.xfail("BEATs' weight-normed positional conv is not ZeRO-3 ready: zero.Init partitions the conv weight "
-                     "before weight_norm reads it (and _init_weights cannot reach the partitioned g, v)")
     _check_two_rank_run(proc, out, logs)
