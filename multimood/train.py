@@ -462,6 +462,8 @@ def load_pretrained_parts(model, model_args: ModelArguments, load_llm: bool) -> 
     if model_args.mamba_compressor and inner.mamba_compressor is not None:
         with _without_zero3_init():
             mamba = AutoModel.from_pretrained(model_args.mamba_compressor, dtype=torch.float32)
+        # The compressor reads the LLM's token ids: keep the pretrained rows, as the published resize did.
+        mamba.resize_token_embeddings(model.config.compressor_config.vocab_size)
         load_into(inner.mamba_compressor.mamba, mamba.state_dict(), "history compressor")
         del mamba
     if model_args.audio_tower:
