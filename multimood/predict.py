@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from .dataset_builder import iter_records
 from .pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
 
 
@@ -48,25 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out (and report) records that cannot be processed instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records from a JSONL file (blank lines skipped) or a JSON list."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {i} is {type(record).__name__}, expected an object")
-    return records
 
 
 def _device(value: str | None) -> Any:
@@ -121,7 +102,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm  # noqa: PLC0415
     from transformers import set_seed  # noqa: PLC0415
 
-    records = read_records(args.data)
+    records = list(iter_records(args.data, require_targets=False))  # validated; targets optional
     if args.limit is not None:
         records = records[: args.limit]
     set_seed(args.seed)

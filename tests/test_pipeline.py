@@ -375,7 +375,7 @@ def test_predict_cli_writes_predictions(built, batched, records, video_folder, t
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     assert len(lines) == len(records)
     for i, (line, record, answer) in enumerate(zip(lines, records, batched)):
-        assert line["index"] == i and line["Dialogue_ID"] == record["Dialogue_ID"]
+        assert line["index"] == i and line["Dialogue_ID"] == str(record["Dialogue_ID"])  # ids are strings in the schema
         assert line["reference"] == processor.format_target(record)
         assert line["prediction"] == answer["generated_text"]
         for field in ("client_emotion", "therapist_emotion", "strategy", "response"):
