@@ -14,6 +14,7 @@ COMMANDS = {
     "data": ("multimood.dataset_builder", "main", "convert MESC / ESConv to the record JSONL, validate record files"),
     "predict": ("multimood.predict", "predict_main", "answer a records JSONL with the emotional-support pipeline -> predictions JSONL for `multimood evaluate`"),
     "evaluate": ("multimood.evaluation", "main", "paper-compatible and strict metrics of a predictions JSONL"),
+    "demo": ("multimood.demo", "main", "web demo (Gradio): upload clips and a conversation, see emotions, strategy and response"),
 }
 
 

@@ -183,14 +183,17 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"record {record_id}: expected a 1-D (mono) waveform, got shape {waveform.shape}")
         return resample_waveform(waveform, sampling_rate, self.sampling_rate)
 
+    def window_spans(self, duration: float) -> list[tuple[float, float]]:
+        """(start, end) seconds of the windows taken from a timeline of `duration` seconds (ends may pass it)."""
+        step = max(duration - self.window_seconds, 0) / max(self.num_windows - 1, 1)
+        return [(i * step, i * step + self.window_seconds) for i in range(self.num_windows)]
+
     def _windows(self, waveform: np.ndarray) -> np.ndarray:
         """The published window selection, same arithmetic, so the sample boundaries are identical."""
         rate = self.sampling_rate
-        duration = waveform.shape[0] / rate
-        step = max(duration - self.window_seconds, 0) / max(self.num_windows - 1, 1)
         parts = [
-            waveform[int(i * step * rate) : int((i * step + self.window_seconds) * rate)]
-            for i in range(self.num_windows)
+            waveform[int(start * rate) : int(end * rate)]
+            for start, end in self.window_spans(waveform.shape[0] / rate)
         ]
         total = int(self.max_seconds * rate)
         joined = np.concatenate(parts)[:total]
