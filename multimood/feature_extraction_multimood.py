@@ -131,21 +131,24 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         sources = [
             self._source(item, video_folder, sampling_rate, record_id) for item, record_id in zip(audio, record_ids)
         ]
-        jobs = [
-            (path, record_id)
-            for source, record_id in zip(sources, record_ids)
-            if not isinstance(source, np.ndarray)
-            for path in source
-        ]
+        first_reference = {}  # each distinct clip is decoded once: consecutive turns share most clips
+        for source, record_id in zip(sources, record_ids):
+            if not isinstance(source, np.ndarray):
+                for path in source:
+                    first_reference.setdefault(path, record_id)
         threads = self.decode_threads or torch.get_num_threads()
-        tracks = iter(map_threads(lambda job: decode_audio(*job, rate=self.sampling_rate), jobs, threads))
+
+        def decode(job: tuple[Path, object]) -> tuple[np.ndarray, bool]:
+            return decode_audio(*job, rate=self.sampling_rate)
+
+        tracks = dict(zip(first_reference, map_threads(decode, list(first_reference.items()), threads)))
         waveforms, present = [], []
         for source in sources:
             if isinstance(source, np.ndarray):
                 waveforms.append(source)
                 present.append(True)
             else:  # the clips' tracks end to end; a clip without audio is silence of its duration
-                parts = [next(tracks) for _ in source]
+                parts = [tracks[path] for path in source]
                 waveforms.append(np.concatenate([samples for samples, _ in parts]))
                 present.append(any(has_audio for _, has_audio in parts))
 

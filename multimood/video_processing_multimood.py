@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import av
@@ -119,10 +120,15 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
             for clips, record_id in zip(videos, record_ids)
         ]
 
-        # 1. probe every clip of the batch (packet tables only), in parallel
-        probe_jobs = [(path, record_id) for (_, paths), record_id in zip(selected, record_ids) for path in paths]
-        probed = iter(map_threads(lambda job: probe_clip(*job), probe_jobs, threads))
-        infos = [[next(probed) for _ in paths] for _, paths in selected]
+        # 1. probe every distinct clip of the batch once (packet tables only), in parallel: consecutive turns of
+        # a dialogue share most of their clips
+        first_reference = {}
+        for (_, paths), record_id in zip(selected, record_ids):
+            for path in paths:
+                first_reference.setdefault(path, record_id)
+        probe_jobs = list(first_reference.items())
+        info_of = dict(zip(first_reference, map_threads(lambda job: probe_clip(*job), probe_jobs, threads)))
+        infos = [[info_of[path] for path in paths] for _, paths in selected]
 
         # 2. pick the frames on each sample's joined timeline
         picks = [sample_timeline([info.num_frames for info in clips], settings["num_frames"]) for clips in infos]
@@ -130,29 +136,28 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
             picks = [[(clip, nearest_keyframes(clips[clip], [index])[0]) for clip, index in sample]
                      for clips, sample in zip(infos, picks)]
 
-        # 3. decode and resize the picked frames, one job per clip, in parallel
-        jobs = []
-        for sample, (clips, sample_picks, record_id) in enumerate(zip(infos, picks, record_ids)):
-            for clip, info in enumerate(clips):
-                indices = sorted({index for picked, index in sample_picks if picked == clip})
-                if indices:
-                    jobs.append(((sample, clip), info, indices, record_id))
+        # 3. decode and resize the picked frames, one job per distinct clip (all samples' picks together)
+        wanted: dict[Path, set[int]] = {}
+        for (_, paths), sample_picks in zip(selected, picks):
+            for clip, index in sample_picks:
+                wanted.setdefault(paths[clip], set()).add(index)
+        jobs = [(info_of[path], sorted(indices), first_reference[path]) for path, indices in wanted.items()]
         transform = self._frame_transform(settings)
         codec_threads = max(1, threads // max(1, len(jobs)))
 
         def decode(job: tuple) -> dict[int, np.ndarray]:
-            _, info, indices, record_id = job
+            info, indices, record_id = job
             return decode_frames(info, indices, transform, record_id, threads=codec_threads)
 
-        frames = {job[0]: decoded for job, decoded in zip(jobs, map_threads(decode, jobs, threads))}
+        frames = dict(zip(wanted, map_threads(decode, jobs, threads)))
 
         # 4. normalise into the output batch
         table = _normalisation_table(settings)
         size = settings["size"]
         pixel_values = np.empty((len(videos), settings["num_frames"], 3, size.height, size.width), np.float32)
-        for sample, sample_picks in enumerate(picks):
+        for sample, ((_, paths), sample_picks) in enumerate(zip(selected, picks)):
             for position, (clip, index) in enumerate(sample_picks):
-                rgb = frames[(sample, clip)][index]
+                rgb = frames[paths[clip]][index]
                 for channel in range(3):
                     np.take(table[channel], rgb[..., channel], out=pixel_values[sample, position, channel])
 

@@ -72,6 +72,26 @@ def test_file_path_waveform_and_clip_list_agree(extractor: MultimoodFeatureExtra
         assert torch.equal(features[row], out_list["input_features"][0])
 
 
+def test_clips_shared_by_samples_are_decoded_once(monkeypatch, media: Path):
+    from multimood import feature_extraction_multimood as module
+
+    decoded = []
+
+    def counting(path, *args, **kwargs):
+        decoded.append(Path(path).name)
+        return decode_audio(path, *args, **kwargs)
+
+    clips = ["retalking_face_1.mp4", "retalking_face_2.mp4", "retalking_face_3.mp4"]
+    turns = [clips[:2], clips, clips[1:], [clips[0], clips[0]]]
+    monkeypatch.setattr(module, "decode_audio", counting)
+    batch = MultimoodFeatureExtractor()(turns, video_folder=media / "video")
+    assert sorted(decoded) == sorted(clips)
+    monkeypatch.undo()
+    for row, sample in enumerate(turns):
+        alone = MultimoodFeatureExtractor()([sample], video_folder=media / "video")
+        assert torch.equal(batch["input_features"][row], alone["input_features"][0])
+
+
 def test_waveform_input_is_resampled(extractor: MultimoodFeatureExtractor, media: Path):
     soundfile = pytest.importorskip("soundfile")
     path = media / "audio" / "ljspeech_LJ001-0002.wav"  # 22.05 kHz

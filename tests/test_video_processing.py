@@ -109,6 +109,28 @@ def test_batch_uses_the_last_clips_and_offsets_positions(processor: MultimoodVid
     torch.testing.assert_close(out["pixel_values_videos"][0], alone["pixel_values_videos"][0], rtol=0, atol=0)
 
 
+def test_clips_shared_by_samples_are_probed_and_decoded_once(monkeypatch, video_dir: Path):
+    from multimood import video_processing_multimood as module
+
+    opened = {"probe": [], "decode": []}
+
+    def counting(name, function):
+        def wrapper(info_or_path, *args, **kwargs):
+            opened[name].append(Path(getattr(info_or_path, "path", info_or_path)).name)
+            return function(info_or_path, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(module, "probe_clip", counting("probe", module.probe_clip))
+    monkeypatch.setattr(module, "decode_frames", counting("decode", module.decode_frames))
+    turns = [MIXED[:2], MIXED[:3], MIXED[1:3], [MIXED[0]]]  # consecutive turns share clips
+    batch = MultimoodVideoProcessor()(turns, video_folder=video_dir, num_frames=4, size=56)
+    assert sorted(opened["probe"]) == sorted(opened["decode"]) == sorted(MIXED[:3])
+    for row, clips in enumerate(turns):
+        alone = MultimoodVideoProcessor()([clips], video_folder=video_dir, num_frames=4, size=56)
+        assert torch.equal(batch["pixel_values_videos"][row], alone["pixel_values_videos"][0])
+
+
 def test_overrides_and_aspect_modes(video_dir: Path):
     wide = "videollama2_sample_demo_3_baby_playing.mp4"
     processor = MultimoodVideoProcessor(image_aspect_ratio="none")
