@@ -23,6 +23,10 @@ labels are always members of the label sets, even with an untrained model. `cons
 generates freely; labels outside the label sets (or missing) are then listed in `unknown_labels`
 (`{field: value}`) and a warning is issued.
 
+Label probabilities (`return_label_scores=True`): each answer also gets `label_scores`, for each label
+line the probability of every label of its set under constrained decoding, given the prompt and the
+answer's earlier lines (the candidates are read from the cache of their common context).
+
 Batching (`batch_size=N`) pads on the left and gives the same answers as one record at a time.
 Generation parameters (`max_new_tokens`, `do_sample`, `num_beams`, `generation_config`,
 `logits_processor`...) pass through to `generate`; `device`, `dtype` and `device_map` behave as in
@@ -38,6 +42,7 @@ This file is Hub remote code: it imports only torch and public transformers API 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -122,10 +127,13 @@ class AnswerConstraint:
         for child in node.children.values():
             self._fill_allowed(child, segment)
 
-    def state(self, tokens: Sequence[int]):
-        """`(segment, node)` after `tokens`, or `FREE` (constraint done) or `INVALID` (left the tries)."""
-        segment, node = 0, self.tries[0]
-        for token in tokens:
+    def walk(self, tokens: Sequence[int]) -> tuple[Any, list[int]]:
+        """(the state after `tokens`, the offset in `tokens` where each segment reached so far starts).
+
+        The state is `(segment, node)`, or `FREE` (constraint done) or `INVALID` (left the tries).
+        """
+        segment, node, starts = 0, self.tries[0], [0]
+        for offset, token in enumerate(tokens):
             while True:
                 child = node.children.get(token)
                 if child is not None:
@@ -133,17 +141,49 @@ class AnswerConstraint:
                     if node.terminal and not node.children:
                         segment += 1
                         if segment == len(self.tries):
-                            return self.FREE
+                            return self.FREE, starts
                         node = self.tries[segment]
+                        starts.append(offset + 1)
                     break
                 if node.terminal:  # a complete sequence that a longer one extends: `token` starts the next segment
                     segment += 1
                     if segment == len(self.tries):
-                        return self.FREE
+                        return self.FREE, starts
                     node = self.tries[segment]
+                    starts.append(offset)
                     continue
-                return self.INVALID
-        return segment, node
+                return self.INVALID, starts
+        return (segment, node), starts
+
+    def state(self, tokens: Sequence[int]):
+        """`(segment, node)` after `tokens`, or `FREE` (constraint done) or `INVALID` (left the tries)."""
+        return self.walk(tokens)[0]
+
+    def sequence_log_probs(self, segment: int, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of segment `segment`'s sequences under constrained decoding.
+
+        `logits[k, j]` are the next-token logits after the context and the first j tokens of sequence k
+        (k in the order of `segments[segment]`, j = 0..len(sequence k)). At every trie node the
+        distribution is renormalised over the allowed tokens, as `AnswerFormatLogitsProcessor` does;
+        a sequence that another one extends ends with the probability of its allowed next-segment tokens.
+        """
+        log_probs = torch.zeros(len(self.segments[segment]), dtype=torch.float32)
+        for k, sequence in enumerate(self.segments[segment]):
+            node, total = self.tries[segment], torch.zeros((), dtype=torch.float32)
+            for j, token in enumerate(sequence):
+                step = logits[k, j, node.allowed].float().log_softmax(-1)
+                total = total + step[node.allowed.index(token)]
+                node = node.children[token]
+            if node.children:  # the sequence ends only if the next token leaves the trie
+                step = logits[k, len(sequence)].float().log_softmax(-1)
+                if node.allowed is None:  # anything may follow the last segment
+                    continuing = step[list(node.children)].logsumexp(-1)
+                    total = total + torch.log1p(-continuing.exp())
+                else:
+                    ends = [token for token in node.allowed if token not in node.children]
+                    total = total + step[ends].logsumexp(-1) - step[node.allowed].logsumexp(-1)
+            log_probs[k] = total
+        return log_probs
 
     def allowed_tokens(self, tokens: Sequence[int]) -> list[int] | None:
         """Token ids allowed after `tokens` (the generated part only); `None` when unconstrained."""
@@ -349,12 +389,16 @@ class EmotionalSupportPipeline(Pipeline):
         batch_size (`int`, defaults to 1): records per `generate` call (left padding).
         processor_kwargs (`dict`): extra processor arguments (`k_turn_history`, `max_length`...).
         skip_special_tokens (`bool`, defaults to `True`): how the answer is decoded.
+        return_label_scores (`bool`, defaults to `False`): add `label_scores`, each label line's
+            probabilities over its label set under constrained decoding, given the answer's earlier lines.
         Anything else is a generation parameter (`max_new_tokens`, `do_sample`, `num_beams`...).
 
     Returns one dict per input (a list for a list input; with `num_return_sequences=k > 1`, a list
     of k dicts per input): `client_emotion`, `therapist_emotion`, `strategy`, `response`,
     `generated_text`, and `unknown_labels` (`{field: value}`) when a label is missing or outside its
-    label set (only possible with `constrained=False` or a too small `max_new_tokens`).
+    label set (only possible with `constrained=False` or a too small `max_new_tokens`); with
+    `return_label_scores=True`, `label_scores` (`{field: {label: probability}}` for each label line whose
+    start the answer reached).
     """
 
     _load_processor = True
@@ -382,11 +426,14 @@ class EmotionalSupportPipeline(Pipeline):
         constrained=None,
         processor_kwargs=None,
         skip_special_tokens=None,
+        return_label_scores=None,
         **generate_kwargs,
     ):
         preprocess_params: dict[str, Any] = {}
         forward_params: dict[str, Any] = dict(generate_kwargs)
         postprocess_params: dict[str, Any] = {}
+        if return_label_scores is not None:
+            forward_params["return_label_scores"] = bool(return_label_scores)
         if video_folder is not None:
             preprocess_params["video_folder"] = os.fspath(video_folder)
         if processor_kwargs is not None:
@@ -471,7 +518,7 @@ class EmotionalSupportPipeline(Pipeline):
         )
         return {"model_inputs": dict(batch.items()), "num_inputs": len(records)}
 
-    def _forward(self, model_inputs, constrained: bool = True, **generate_kwargs):
+    def _forward(self, model_inputs, constrained: bool = True, return_label_scores: bool = False, **generate_kwargs):
         inputs = model_inputs["model_inputs"]
         prompt_length = inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
@@ -491,11 +538,89 @@ class EmotionalSupportPipeline(Pipeline):
         if eos is None:
             eos = self.model.generation_config.eos_token_id
         eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        return {
+        outputs = {
             "generated": sequences[:, prompt_length:],
             "num_inputs": model_inputs["num_inputs"],
             "eos_token_ids": eos,
         }
+        if return_label_scores:
+            outputs["label_scores"] = self._label_scores(inputs, outputs["generated"])
+        return outputs
+
+    def _row_inputs(self, inputs: dict, row: int) -> dict:
+        """The model inputs of one prompt of a batch, without its padding.
+
+        Media tensors hold entries only for the rows that use them, in row order: a row's entry is
+        found by counting the earlier rows whose prompt has that modality's placeholder.
+        """
+        input_ids = inputs["input_ids"]
+        keep = inputs["attention_mask"][row].bool()
+        out = {"input_ids": input_ids[row][keep][None], "attention_mask": inputs["attention_mask"][row][keep][None]}
+        config = self.model.config
+        media = {
+            "pixel_values_videos": config.video_token_id,
+            "input_features": config.audio_token_id,
+            "history_input_ids": config.history_token_id,
+        }
+        for name, token_id in media.items():
+            if inputs.get(name) is None:
+                continue
+            present = (input_ids == token_id).any(-1)
+            if present[row]:
+                index = int(present[:row].sum())
+                out[name] = inputs[name][index : index + 1]
+                if name == "history_input_ids":
+                    out["history_attention_mask"] = inputs["history_attention_mask"][index : index + 1]
+        return out
+
+    @torch.no_grad()
+    def _label_scores(self, inputs: dict, generated: torch.Tensor) -> list[dict[str, dict[str, float]]]:
+        """Per generated row: each label line's probabilities over its label set, given the row's earlier lines.
+
+        The prompt and the answer up to the end of the last label line are read once (with the cache);
+        each label line's candidates are then read together from the cache cut back to that line's start.
+        """
+        constraint = self.answer_constraint
+        label_sets = self.label_sets
+        per_input = generated.shape[0] // inputs["input_ids"].shape[0]
+        scores = []
+        for row, tokens in enumerate(generated.tolist()):
+            row_inputs = self._row_inputs(inputs, row // per_input)
+            _, starts = constraint.walk(tokens)
+            starts = starts[: len(LABEL_FIELDS)]
+            prompt_length = row_inputs["input_ids"].shape[1]
+            context = torch.tensor([tokens[: starts[-1]]], dtype=torch.long, device=self.device)
+            ids = torch.cat([row_inputs["input_ids"], context], dim=1)
+            mask = torch.ones_like(ids)
+            # the last context token is read again with each candidate, so that its logits come with them
+            length = prompt_length + starts[-1] - 1
+            output = self.model(**{**row_inputs, "input_ids": ids[:, :length], "attention_mask": mask[:, :length]},
+                                use_cache=True, logits_to_keep=1)
+            cache, answer = output.cache, {}
+            for segment in reversed(range(len(starts))):
+                start = prompt_length + starts[segment] - 1
+                cache.crop(start - cache.get_seq_length())
+                candidates = constraint.segments[segment]
+                width = 1 + max(len(c) for c in candidates)
+                block = torch.full((len(candidates), width), int(self.processor.pad_token_id), dtype=torch.long)
+                block_mask = torch.zeros_like(block)
+                for k, candidate in enumerate(candidates):
+                    block[k, : 1 + len(candidate)] = torch.tensor([int(ids[0, start]), *candidate])
+                    block_mask[k, : 1 + len(candidate)] = 1
+                expanded = copy.deepcopy(cache)
+                expanded.batch_repeat_interleave(len(candidates))
+                past_mask = torch.ones((len(candidates), start), dtype=torch.long)
+                logits = self.model(
+                    input_ids=block.to(self.device),
+                    attention_mask=torch.cat([past_mask, block_mask], dim=1).to(self.device),
+                    cache=expanded,
+                    use_cache=True,
+                ).logits
+                probabilities = constraint.sequence_log_probs(segment, logits).softmax(-1).tolist()
+                field = LABEL_FIELDS[segment]
+                answer[field] = dict(zip(label_sets[field], probabilities))
+            scores.append({field: answer[field] for field in LABEL_FIELDS if field in answer})
+        return scores
 
     def postprocess(self, model_outputs, constrained: bool = True, skip_special_tokens: bool = True):
         generated = model_outputs["generated"]
@@ -508,11 +633,14 @@ class EmotionalSupportPipeline(Pipeline):
         texts = self.processor.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
         label_sets = self.label_sets
         answers, unknown_count = [], 0
-        for text in texts:
+        label_scores = model_outputs.get("label_scores")
+        for row, text in enumerate(texts):
             text = text.strip()
             parsed = self.processor.parse_output(text)
             answer = {field: parsed.get(field) for field in ANSWER_FIELDS}
             answer["generated_text"] = text
+            if label_scores is not None:
+                answer["label_scores"] = label_scores[row]
             unknown = {f: answer[f] for f in LABEL_FIELDS if answer[f] not in label_sets[f]}
             if unknown:
                 answer["unknown_labels"] = unknown

@@ -161,6 +161,25 @@ def test_constraint_trie_with_a_label_that_extends_another():
     assert constraint.allowed_tokens([7]) is None
 
 
+def test_constraint_walk_and_sequence_log_probs_with_a_label_that_extends_another():
+    constraint = AnswerConstraint([[[1, 2], [1, 2, 3]], [[4, 5]]])
+    assert constraint.walk([1, 2, 3, 4, 5]) == (AnswerConstraint.FREE, [0, 3])
+    assert constraint.walk([1, 2, 4]) == ((1, constraint.tries[1].children[4]), [0, 2])
+    assert constraint.walk([1, 7])[1] == [0]
+    logits = torch.randn(2, 4, 6)
+    logits[1, :3] = logits[0, :3]  # both sequences read the same context up to "1 2"
+    expected = []
+    for k, sequence in enumerate([[1, 2], [1, 2, 3]]):
+        # by hand: the allowed sets are {1}, {2}, then {3, 4} after "1 2", then {4} after "1 2 3"
+        total = 0.0
+        total += logits[k, 1, [2]].log_softmax(-1)[0]  # token 2 after token 1 (token 1 is forced)
+        after = logits[k, 2, [3, 4]].log_softmax(-1)
+        total += after[1] if k == 0 else after[0]  # "1 2" ends with the next segment's 4; "1 2 3" goes on
+        expected.append(total)
+    torch.testing.assert_close(constraint.sequence_log_probs(0, logits), torch.stack(expected))
+    assert torch.isclose(constraint.sequence_log_probs(0, logits).exp().sum(), torch.tensor(1.0))
+
+
 def test_logits_processor_masks_constrained_rows_only():
     from multimood.pipeline_multimood import AnswerFormatLogitsProcessor
 
@@ -275,6 +294,59 @@ def test_generation_kwargs_pass_through(pipe, records, video_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(preset.tokenizer(preset(records[1], max_new_tokens=6)["generated_text"])["input_ids"]) <= 6
+
+
+def test_label_scores_are_the_constrained_probabilities(pipe, records, video_folder, built):
+    """Each label line's scores equal the product of the constrained next-token probabilities of its tokens,
+    computed here without the cache: one full forward per candidate through AnswerFormatLogitsProcessor."""
+    from multimood.pipeline_multimood import AnswerFormatLogitsProcessor
+
+    model, processor, _ = built
+    tokenizer = processor.tokenizer
+    answer = pipe(records[0], video_folder=video_folder, max_new_tokens=MAX_NEW, return_label_scores=True)
+    assert set(answer["label_scores"]) == {"client_emotion", "therapist_emotion", "strategy"}
+    inputs = processor(records=[records[0]], video_folder=video_folder, padding_side="left")
+    prompt_length = inputs["input_ids"].shape[1]
+    constraint = AnswerConstraint.from_processor(processor)
+    segments = answer_segments(processor)
+    lines = answer["generated_text"].split("\n")
+    for segment, field in enumerate(("client_emotion", "therapist_emotion", "strategy")):
+        scores = answer["label_scores"][field]
+        labels = processor.strategy_labels if field == "strategy" else processor.emotion_labels
+        assert list(scores) == list(labels) and abs(sum(scores.values()) - 1) < 1e-5
+        prefix = "".join(line + "\n" for line in lines[:segment])
+        log_probs = []
+        for text in segments[segment]:
+            answer_ids = tokenizer(prefix + text, add_special_tokens=False)["input_ids"]
+            ids = torch.cat([inputs["input_ids"], torch.tensor([answer_ids])], dim=1)
+            with torch.no_grad():
+                logits = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+            first = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+            total = 0.0
+            for position in range(prompt_length + first, ids.shape[1]):
+                masked = AnswerFormatLogitsProcessor(constraint, prompt_length)(ids[:, :position], logits[:, position - 1])
+                total += float(masked.log_softmax(-1)[0, ids[0, position]])
+            log_probs.append(total)
+        expected = torch.tensor(log_probs).softmax(-1)
+        torch.testing.assert_close(torch.tensor(list(scores.values())), expected, atol=1e-5, rtol=1e-4)
+        assert answer[field] == max(scores, key=scores.get) or scores[answer[field]] > 0.05
+
+
+def test_label_scores_batched_equal_one_at_a_time(pipe, records, video_folder):
+    kwargs = {"video_folder": video_folder, "max_new_tokens": MAX_NEW, "return_label_scores": True}
+    batched = pipe(records[:4], batch_size=4, **kwargs)
+    singles = [pipe(record, **kwargs) for record in records[:4]]
+    for one, other in zip(batched, singles):
+        assert {k: v for k, v in one.items() if k != "label_scores"} == {
+            k: v for k, v in other.items() if k != "label_scores"
+        }
+        for field, scores in one["label_scores"].items():
+            torch.testing.assert_close(torch.tensor(list(scores.values())),
+                                       torch.tensor(list(other["label_scores"][field].values())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cut = pipe(records[0], video_folder=video_folder, max_new_tokens=4, return_label_scores=True)
+    assert list(cut["label_scores"]) == ["client_emotion"]  # only the lines whose start the answer reached
 
 
 def test_simple_form_input(pipe, records, video_folder, built):
