@@ -1,7 +1,8 @@
 """`multimood predict`: answer every record of a JSONL file with the "emotional-support" pipeline.
 
     multimood predict --model DIR --data records.jsonl --video_folder clips/ --output preds.jsonl \\
-        [--batch_size 8] [--max_new_tokens 256] [--no-constrained] [--limit N] [--device cuda:0] [--dtype bfloat16]
+        [--batch_size 8] [--max_new_tokens 256] [--no-constrained] [--limit N] [--max_length 4096] \\
+        [--skip_errors] [--device cuda:0] [--dtype bfloat16]
 
 Each output line holds `index` (the record's position in the input), `Dialogue_ID` (when the record
 has one), `prediction` (the generated four-line answer), `reference` (the gold answer from the
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
                         help="force the label lines to the label sets (default); --no-constrained generates freely")
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="prompt token budget (default: the saved processor's model_max_length); the oldest "
+                             "history is cut first, a record that does not fit without history is an error")
     parser.add_argument("--device", default=None,
                         help="as in transformers: -1 / cpu / 0 / cuda:1 (default: GPU 0 if any)")
     parser.add_argument("--device_map", default=None, help="as in transformers, e.g. auto")
@@ -115,6 +119,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
     call_kwargs = {"video_folder": args.video_folder, "constrained": args.constrained, **generate_kwargs}
+    if args.max_length is not None:
+        call_kwargs["processor_kwargs"] = {"max_length": args.max_length}
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -133,14 +139,18 @@ def predict_main(argv: list[str] | None = None) -> int:
                     answers = pipe(chunk, batch_size=len(chunk), **call_kwargs)
                     pairs = list(zip(indices, chunk, answers))
                 except (ValueError, OSError, RuntimeError):
-                    if not args.skip_errors:
-                        raise
                     pairs = []
                     for index, record in zip(indices, chunk):  # find the records that fail
                         try:
                             pairs.append((index, record, pipe(record, **call_kwargs)))
                         except (ValueError, OSError, RuntimeError) as single_error:
-                            errors.append(f"record {index}: {single_error}")
+                            message = f"record {index} of {args.data}: {single_error}"
+                            if not args.skip_errors:
+                                raise SystemExit(
+                                    f"multimood predict: {message}\n(--skip_errors leaves out such records; "
+                                    f"{written} predictions were written to {output})"
+                                ) from single_error
+                            errors.append(message)
             for index, record, answer in pairs:
                 line = output_line(index, record, answer, reference_of(pipe.processor, record, index))
                 unknown += bool(line.get("unknown_labels"))

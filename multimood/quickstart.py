@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
         "--logging_steps", "5",
         "--save_strategy", "no",
         "--report_to", "none",
-        "--model_max_length", "1024",
+        "--model_max_length", "4096",  # the position range: long real records (MESC) still fit at inference
         "--seed", str(args.seed),
         "--dataloader_num_workers", "0",
         "--disable_tqdm", "False",

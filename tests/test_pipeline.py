@@ -475,12 +475,14 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
     data.write_text("".join(json.dumps(r) + "\n" for r in (records[0], broken, records[2])))
     args = ["--model", str(folder), "--data", str(data), "--video_folder", video_folder,
             "--output", str(tmp_path / "preds.jsonl"), "--batch_size", "3", "--max_new_tokens", "24", "--quiet"]
-    with pytest.raises(FileNotFoundError, match="missing_clip.mp4"):
+    with pytest.raises(SystemExit, match=f"record 1 of {data}: .*missing_clip.mp4(.|\n)*--skip_errors"):
         predict_main(args)
     assert predict_main(args + ["--skip_errors"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 2]
     assert "skipped record 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="record 0 of .*does not fit in max_length=16 tokens"):
+        predict_main(args + ["--max_length", "16"])
 
 
 # ----------------------------------------------------------------------------------------------
