@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-EXTRAS ?= train,eval,test
+EXTRAS ?= train,eval,test,demo
 
 .PHONY: install test test-fast quickstart clean
 
@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	command -v ffmpeg >/dev/null && [ -f /usr/share/wordnet/data.noun ] || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends ffmpeg wordnet-base wordnet-sense-index)
+	command -v ffmpeg >/dev/null && [ -f /usr/share/wordnet/data.noun ] && [ -x /usr/bin/chromedriver ] || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends ffmpeg wordnet-base wordnet-sense-index chromium chromium-driver)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@

@@ -23,22 +23,24 @@ from __future__ import annotations
 
 import argparse
 import html
-import inspect
 import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from matplotlib.figure import Figure
 
 MAX_CLIPS = 5
 DEFAULT_PORT = 7860
 DEFAULT_MAX_NEW_TOKENS = 128
-ROLES = {"Client": "user", "Therapist": "assistant"}
-SPEAKERS = {role: speaker for speaker, role in ROLES.items()}
+ROLES = {"Client": "user", "Therapist": "assistant"}  # the page's speakers -> chat roles of the records
 
 # MESC's problem types (the published model's training data); any other text may be typed.
 PROBLEM_TYPES = [
@@ -115,11 +117,6 @@ class DemoModel:
 
     pipe: Any
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    # whether the pipeline takes `return_label_scores` (older saved pipelines do not)
-    label_scores: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.label_scores = "return_label_scores" in inspect.signature(self.pipe._sanitize_parameters).parameters
 
     @property
     def processor(self) -> Any:
@@ -132,7 +129,7 @@ class TurnResult:
 
     answer: dict
     frames: list[tuple[np.ndarray, str]]
-    audio_figure: Any  # a matplotlib Figure, or None without clips with audio
+    audio_figure: Figure | None  # None without clips or when no clip has audio
     audio_windows: list[list]
     notices: list[str]
     crisis: list[str]
@@ -140,16 +137,15 @@ class TurnResult:
 
 def load_model(model_dir: str | os.PathLike, device: str | None = None,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> DemoModel:
-    """The "emotional-support" pipeline of a saved model folder or Hub repo (its own remote code)."""
+    """The "emotional-support" pipeline of a saved model folder or Hub repo: its model and processor code,
+    this package's pipeline class (so label scores are there whatever pipeline file the folder carries)."""
     import torch  # noqa: PLC0415
-    from transformers import pipeline  # noqa: PLC0415
 
-    import multimood  # noqa: F401, PLC0415  registers the task for folders saved without the pipeline file
+    from .predict import load_pipeline  # noqa: PLC0415
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = pipeline("emotional-support", model=os.fspath(model_dir), trust_remote_code=True, device=device)
-    pipe.model.eval()
+    pipe = load_pipeline(os.fspath(model_dir), device=device)
     return DemoModel(pipe=pipe, max_new_tokens=max_new_tokens)
 
 
@@ -249,7 +245,8 @@ def frame_strip(processor: Any, record: dict) -> list[tuple[np.ndarray, str]]:
     return strip
 
 
-def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: int) -> tuple[Any, list[list], list[str]]:
+def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: int
+                  ) -> tuple[Figure | None, list[list], list[str]]:
     """(waveform figure with the windows shaded, one table row per window, notices) for the clips the
     feature extractor uses; `first_position` is the position of `clips[0]` in the turn's clip list."""
     from matplotlib.figure import Figure  # noqa: PLC0415
@@ -290,7 +287,7 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
         times = (np.arange(blocks.shape[0]) + 0.5) * bucket / rate
         axes.fill_between(times, blocks.min(1), blocks.max(1), color="#1f2937", linewidth=0)
     for number, (start, end) in enumerate(spans, start=1):
-        axes.axvspan(start, min(end, max(total, end)), color="#f97316", alpha=0.22)
+        axes.axvspan(start, end, color="#f97316", alpha=0.22)
         axes.text((start + end) / 2, 1.02, str(number), ha="center", va="bottom", fontsize=8,
                   transform=axes.get_xaxis_transform())
     for label, (_, has_audio), offset, stop in zip(labels, tracks, starts[:-1], starts[1:]):
@@ -308,14 +305,14 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
     return figure, rows, notices
 
 
-def label_figure(label_scores: dict[str, dict[str, float]], answer: dict) -> Any:
+def label_figure(label_scores: dict[str, dict[str, float]], answer: dict) -> Figure:
     """Horizontal bar charts of each label line's probabilities; the chosen label is highlighted."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
     titles = {"client_emotion": "Client emotion", "therapist_emotion": "Therapist emotion", "strategy": "Strategy"}
     fields = [name for name in titles if name in label_scores]
     sizes = [len(label_scores[name]) for name in fields]
-    figure = Figure(figsize=(7, 0.32 * sum(sizes) + 1.2 * len(fields)), layout="constrained")
+    figure = Figure(figsize=(7, 0.24 * sum(sizes) + 0.9 * len(fields)), layout="constrained")
     grid = figure.add_gridspec(len(fields), 1, height_ratios=sizes)
     for row, name in enumerate(fields):
         axes = figure.add_subplot(grid[row])
@@ -356,8 +353,7 @@ def predict(model: DemoModel, history: Sequence[dict], utterance: str | None, cl
         notices += audio_notices
     else:
         notices.append("No clips: the model answers from the text alone.")
-    options = {"return_label_scores": True} if model.label_scores else {}
-    answer = model.pipe(record, max_new_tokens=model.max_new_tokens, **options)
+    answer = model.pipe(record, max_new_tokens=model.max_new_tokens, return_label_scores=True)
     if answer.get("unknown_labels"):
         notices.append(f"The answer was cut before all labels were generated: {sorted(answer['unknown_labels'])}.")
     return TurnResult(answer=answer, frames=frames, audio_figure=figure, audio_windows=windows, notices=notices,
@@ -447,8 +443,8 @@ def load_pasted_conversation(history: Sequence[dict], text: str | None) -> tuple
     try:
         turns = parse_conversation(text or "")
     except DemoInputError as error:
-        return list(history), text or "", _update(value=f"<b>Cannot read the conversation.</b> {html.escape(str(error))}",
-                                                  visible=True)
+        message = f"<b>Cannot read the conversation.</b> {html.escape(str(error))}"
+        return list(history), text or "", _update(value=message, visible=True)
     return turns, "", _update(value="", visible=False)
 
 
@@ -474,7 +470,7 @@ def add_recording(clips: Sequence[Any] | None, recording: str | None) -> tuple[l
 
 
 def build_demo(model: str | os.PathLike | DemoModel, device: str | None = None,
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> gr.Blocks:
     """The Gradio page of `model` (a model folder or Hub repo, loaded once here, or a loaded `DemoModel`)."""
     import gradio as gr  # noqa: PLC0415
 
@@ -528,8 +524,10 @@ def build_demo(model: str | os.PathLike | DemoModel, device: str | None = None,
                 response = gr.Textbox(label="Response", interactive=False, lines=4, elem_id="response")
             with gr.Column():
                 label_scores = gr.Plot(label="Label probabilities", visible=False, elem_id="label-scores")
-        frames = gr.Gallery(label=f"Frames the model looked at ({frames_per_turn} per turn)", columns=min(frames_per_turn, 8),
-                            height="auto", object_fit="contain", elem_id="frames")
+        columns = min(frames_per_turn, 8)
+        rows = -(-frames_per_turn // columns)
+        frames = gr.Gallery(label=f"Frames the model looked at ({frames_per_turn} per turn)", columns=columns,
+                            rows=rows, height=rows * (1200 // columns) + 60, object_fit="contain", elem_id="frames")
         audio_plot = gr.Plot(label="Audio windows the model heard", elem_id="audio-windows")
         audio_table = gr.Dataframe(headers=["window", "start (s)", "end (s)", "heard from"], label="Audio windows",
                                    interactive=False, elem_id="audio-window-table")
@@ -558,10 +556,12 @@ def build_demo(model: str | os.PathLike | DemoModel, device: str | None = None,
     return demo
 
 
-def launch(demo: Any, host: str | None = None, port: int | None = None, share: bool = False) -> None:
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False) -> None:
     """Serve the page (blocks); `host=None` lets Gradio read GRADIO_SERVER_NAME (as Hugging Face Spaces set it)."""
     import gradio as gr  # noqa: PLC0415
 
+    # one prediction at a time (one model in memory); the default theme's fonts are served by Gradio itself,
+    # so the page needs no internet
     demo.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=share, theme=gr.themes.Default(), css=CSS, show_error=False,
         max_file_size="200mb",

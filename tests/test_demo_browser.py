@@ -1,6 +1,7 @@
 """The web demo in a real browser: `multimood demo` serves the page on 127.0.0.1 and headless Chromium
-(Debian's `chromium` + `chromium-driver`, driven by Selenium) uploads real clips, adds a conversation turn,
-types the utterance, submits and reads the answer, then continues the conversation.
+(Debian's `chromium` + `chromium-driver`, driven by Selenium) uploads real clips, submits without an
+utterance (a message in the page), adds a conversation turn, types the utterance, submits and reads the
+answer, then continues the conversation.
 
 The page's screenshot is kept as an artifact: $MULTIMOOD_TEST_ARTIFACTS/demo.png, else
 outputs/test_artifacts/demo.png (README's docs/demo.png is one of these).
@@ -8,6 +9,7 @@ outputs/test_artifacts/demo.png (README's docs/demo.png is one of these).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -28,7 +30,6 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from multimood.processing_multimood import LABEL_SETS  # noqa: E402
 from tests.test_demo import quickstart_model_folder  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +57,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_folder(tmp_path_factory) -> Path:
+    return quickstart_model_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(model_folder, tmp_path_factory):
     """The URL of `multimood demo` serving the quickstart model on a free port of 127.0.0.1."""
-    folder = quickstart_model_folder(tmp_path_factory)
+    folder = model_folder
     port = _free_port()
     log = tmp_path_factory.mktemp("demo_server") / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -127,16 +133,22 @@ def _type(driver, elem_id: str, text: str) -> None:
     box.send_keys(text)
 
 
+def _shown(driver, elem_id: str) -> bool:
+    """Whether the element is on the page and visible (Gradio leaves hidden components out of the page)."""
+    return any(element.is_displayed() for element in driver.find_elements(By.ID, elem_id))
+
+
 def _choose(driver, elem_id: str, option: str) -> None:
     box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
     box.click()
     WebDriverWait(driver, 10).until(
-        lambda d: [item for item in d.find_elements(By.CSS_SELECTOR, "ul.options li") if item.text.strip() == option]
-    )[0].click()
+        lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} [role=option][aria-label='{option}']")
+    ).click()
     WebDriverWait(driver, 10).until(lambda d: box.get_attribute("value") == option)
 
 
-def test_upload_submit_and_continue_in_chromium(server, browser, shared_data):
+def test_upload_submit_and_continue_in_chromium(server, browser, model_folder, shared_data):
+    saved = json.loads((model_folder / "processor_config.json").read_text())  # the label sets, frames per turn
     videos = shared_data / "media" / "video"
     clips = [videos / "retalking_face_1.mp4", videos / "retalking_face_3.mp4"]
     utterance = "I can't sleep. Every night I lie awake going over what went wrong at work."
@@ -148,10 +160,14 @@ def test_upload_submit_and_continue_in_chromium(server, browser, shared_data):
     assert disclaimer.is_displayed() and "Research model, not a counsellor" in disclaimer.text
 
     upload.send_keys("\n".join(str(clip) for clip in clips))
-    wait.until(lambda d: all(clip.name in d.find_element(By.ID, "clips").text for clip in clips))
+    wait.until(lambda d: all(clip.stem in d.find_element(By.ID, "clips").text for clip in clips))  # listed: uploaded
+    driver.find_element(By.ID, "submit").click()  # no utterance yet: a message in the page, not a stack trace
+    wait.until(lambda d: _shown(d, "error") and "utterance" in d.find_element(By.ID, "error").text)
+    assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     _choose(driver, "turn-role", "Therapist")
     _type(driver, "turn-text", "How have you been sleeping since we last met?")
     _type(driver, "situation", "A new job with long hours.")
+    _choose(driver, "problem-type", "Occupational burnout")
     _type(driver, "utterance", utterance)
     driver.find_element(By.ID, "add-turn").click()
     wait.until(lambda d: "How have you been sleeping" in d.find_element(By.ID, "history").text)
@@ -160,22 +176,24 @@ def test_upload_submit_and_continue_in_chromium(server, browser, shared_data):
     WebDriverWait(driver, ANSWER_TIMEOUT).until(
         lambda d: all(_field_text(d, elem_id).strip() for elem_id in ANSWER_FIELDS))
     answer = {elem_id: _field_text(driver, elem_id) for elem_id in ANSWER_FIELDS}
-    emotions = [label.lower() for label in LABEL_SETS["mesc"]["emotion_labels"]]
-    strategies = [label.lower() for label in LABEL_SETS["mesc"]["strategy_labels"]]
-    assert answer["client-emotion"].lower() in emotions
-    assert answer["therapist-emotion"].lower() in emotions
-    assert answer["strategy"].lower() in strategies
+    assert answer["client-emotion"] in saved["emotion_labels"]
+    assert answer["therapist-emotion"] in saved["emotion_labels"]
+    assert answer["strategy"] in saved["strategy_labels"]
     assert answer["response"].strip()
-    assert not driver.find_element(By.ID, "error").is_displayed()
-    assert not driver.find_element(By.ID, "crisis").is_displayed()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#frames img"))
+    assert not _shown(driver, "error") and not _shown(driver, "crisis")
+    frames = saved["video_processor"]["num_frames"]
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#frames img")) == frames)
+    assert driver.find_element(By.ID, "frames").text.count("· frame ") == frames
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#label-scores img"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audio-windows img"))
     assert "the model hears silence" not in driver.find_element(By.ID, "notices").text
 
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(2000, height + 40))
-    time.sleep(0.5)  # let the layout settle at the new size
+    for _ in range(3):  # the whole page in the screenshot: grow the window until the layout stops growing
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        if driver.get_window_size()["height"] >= height + 40:
+            break
+        driver.set_window_size(1400, height + 120)
+        time.sleep(0.5)
     screenshot = _artifact_path()
     assert driver.save_screenshot(str(screenshot))
     data = screenshot.read_bytes()
