@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EXTRAS ?= train,eval,test,demo
 
-.PHONY: install test test-fast quickstart clean
+.PHONY: install test test-fast quickstart demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install
 
 quickstart: install
 	$(BIN)/multimood quickstart --output_dir outputs/quickstart
+
+demo: quickstart
+	$(BIN)/multimood demo --model outputs/quickstart
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
