@@ -1,7 +1,7 @@
 """The web demo in a real browser: `multimood demo` serves the page on 127.0.0.1 and headless Chromium
 (Debian's `chromium` + `chromium-driver`, driven by Selenium) uploads real clips, submits without an
 utterance (a message in the page), adds a conversation turn, types the utterance, submits and reads the
-answer, then continues the conversation.
+answer, continues the conversation and submits a text-only turn that the crisis screen catches.
 
 The page's screenshot is kept as an artifact: $MULTIMOOD_TEST_ARTIFACTS/demo.png, else
 outputs/test_artifacts/demo.png (README's docs/demo.png is one of these).
@@ -147,7 +147,7 @@ def _choose(driver, elem_id: str, option: str) -> None:
     WebDriverWait(driver, 10).until(lambda d: box.get_attribute("value") == option)
 
 
-def test_upload_submit_and_continue_in_chromium(server, browser, model_folder, shared_data):
+def test_upload_submit_continue_and_crisis_screen_in_chromium(server, browser, model_folder, shared_data):
     saved = json.loads((model_folder / "processor_config.json").read_text())  # the label sets, frames per turn
     videos = shared_data / "media" / "video"
     clips = [videos / "retalking_face_1.mp4", videos / "retalking_face_3.mp4"]
@@ -203,3 +203,12 @@ def test_upload_submit_and_continue_in_chromium(server, browser, model_folder, s
     wait.until(lambda d: utterance in d.find_element(By.ID, "history").text)
     assert answer["response"].strip()[:20] in driver.find_element(By.ID, "history").text
     assert _field_text(driver, "utterance") == ""
+
+    # the next client turn, text only, mentions self-harm: crisis resources appear and the model still answers
+    _type(driver, "utterance", "Some nights I think about hurting myself.")
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, ANSWER_TIMEOUT).until(lambda d: _shown(d, "crisis"))
+    assert "988" in driver.find_element(By.ID, "crisis").text
+    WebDriverWait(driver, ANSWER_TIMEOUT).until(lambda d: "text alone" in d.find_element(By.ID, "notices").text)
+    assert all(_field_text(driver, elem_id).strip() for elem_id in ANSWER_FIELDS)
+    assert not _shown(driver, "error")
