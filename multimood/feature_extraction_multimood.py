@@ -18,7 +18,7 @@ import torch
 from transformers import BatchFeature, SequenceFeatureExtractor
 from transformers.audio_utils import mel_filter_bank, window_function
 
-from .media import decode_audio, map_threads, resample_waveform, resolve_clip
+from .media import decode_audio, distinct_clips, map_threads, resample_waveform, resolve_clip
 
 
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
@@ -131,17 +131,14 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         sources = [
             self._source(item, video_folder, sampling_rate, record_id) for item, record_id in zip(audio, record_ids)
         ]
-        first_reference = {}  # each distinct clip is decoded once: consecutive turns share most clips
-        for source, record_id in zip(sources, record_ids):
-            if not isinstance(source, np.ndarray):
-                for path in source:
-                    first_reference.setdefault(path, record_id)
+        clip_lists = ([] if isinstance(source, np.ndarray) else source for source in sources)
+        first_user = distinct_clips(clip_lists, record_ids)  # each distinct clip decoded once
         threads = self.decode_threads or torch.get_num_threads()
 
         def decode(job: tuple[Path, object]) -> tuple[np.ndarray, bool]:
             return decode_audio(*job, rate=self.sampling_rate)
 
-        tracks = dict(zip(first_reference, map_threads(decode, list(first_reference.items()), threads)))
+        tracks = dict(zip(first_user, map_threads(decode, list(first_user.items()), threads)))
         waveforms, present = [], []
         for source in sources:
             if isinstance(source, np.ndarray):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -313,6 +313,19 @@ def _decode_sequentially(
             results[index] = transform(frame)
         if index >= last:
             break
+
+
+def distinct_clips(clip_lists: Iterable[Sequence[Path]], record_ids: Iterable[object]) -> dict[Path, object]:
+    """Each distinct clip of a batch, mapped to the first record using it (the one its errors name).
+
+    Consecutive turns of a dialogue share most of their recent clips: reading each distinct clip once per
+    batch is most of what batching gains in the processor.
+    """
+    first_user: dict[Path, object] = {}
+    for clips, record_id in zip(clip_lists, record_ids):
+        for clip in clips:
+            first_user.setdefault(clip, record_id)
+    return first_user
 
 
 def map_threads(function: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:

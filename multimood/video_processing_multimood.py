@@ -24,7 +24,15 @@ from transformers.image_utils import SizeDict
 from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
 
-from .media import decode_frames, map_threads, nearest_keyframes, probe_clip, resolve_clip, sample_timeline
+from .media import (
+    decode_frames,
+    distinct_clips,
+    map_threads,
+    nearest_keyframes,
+    probe_clip,
+    resolve_clip,
+    sample_timeline,
+)
 
 
 class MultimoodVideoProcessorKwargs(VideosKwargs, total=False):
@@ -122,12 +130,8 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
 
         # 1. probe every distinct clip of the batch once (packet tables only), in parallel: consecutive turns of
         # a dialogue share most of their clips
-        first_reference = {}
-        for (_, paths), record_id in zip(selected, record_ids):
-            for path in paths:
-                first_reference.setdefault(path, record_id)
-        probe_jobs = list(first_reference.items())
-        info_of = dict(zip(first_reference, map_threads(lambda job: probe_clip(*job), probe_jobs, threads)))
+        first_user = distinct_clips((paths for _, paths in selected), record_ids)
+        info_of = dict(zip(first_user, map_threads(lambda job: probe_clip(*job), list(first_user.items()), threads)))
         infos = [[info_of[path] for path in paths] for _, paths in selected]
 
         # 2. pick the frames on each sample's joined timeline
@@ -141,7 +145,7 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
         for (_, paths), sample_picks in zip(selected, picks):
             for clip, index in sample_picks:
                 wanted.setdefault(paths[clip], set()).add(index)
-        jobs = [(info_of[path], sorted(indices), first_reference[path]) for path, indices in wanted.items()]
+        jobs = [(info_of[path], sorted(indices), first_user[path]) for path, indices in wanted.items()]
         transform = self._frame_transform(settings)
         codec_threads = max(1, threads // max(1, len(jobs)))
 
