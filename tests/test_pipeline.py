@@ -491,9 +491,9 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_pipeline_on_a_quickstart_model(tmp_path):
-    """The quickstart's trained tiny model (its own small BPE tokenizer): constrained labels are valid and
-    batched answers equal one-at-a-time ones."""
+def test_pipeline_on_a_quickstart_model(tmp_path, shared_data, video_folder):
+    """The quickstart's trained tiny model (its own small BPE tokenizer): constrained labels are valid,
+    batched answers equal one-at-a-time ones, and the longest real MESC val records fit its saved prompt budget."""
     from multimood import quickstart
 
     folder, data = tmp_path / "model", tmp_path / "data"
@@ -510,3 +510,10 @@ def test_pipeline_on_a_quickstart_model(tmp_path):
     assert batched == singles
     for answer in batched:
         _assert_labels_valid(answer, pipe.processor)
+    # MESC val record 318 needs 1287 prompt tokens with this tokenizer even without its history
+    long_record = json.loads((shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[318])
+    with pytest.raises(ValueError, match="does not fit in max_length=1024"):
+        pipe(long_record, video_folder=video_folder, max_new_tokens=8, processor_kwargs={"max_length": 1024})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_labels_valid(pipe(long_record, video_folder=video_folder, max_new_tokens=48), pipe.processor)
