@@ -32,12 +32,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 from transformers import HfArgumentParser
 
 from .rewards import (
+    BGE_M3_WEIGHTS,
+    JUDGE_SYSTEM_PROMPT,
     PAPER_PRESET,
+    BGEM3SimilarityReward,
     JudgeReward,
     SimilarityReward,
     format_reward,
@@ -222,6 +226,26 @@ def __getattr__(name):  # lazy: importing trl is slow
 # ----------------------------------------------------------------------------------------------
 
 
+PAPER_PRESET_HELP = (
+    "'paper': the published GRPO recipe. Sets (flags given explicitly win): beta 1.12, 4 generations, completions "
+    "up to 128 tokens, lr 1e-5, sampling temperature 0.9 and loss_type grpo (trl 0.14, which the published run "
+    "used); reward = mean of similarity and judge (weights 0.5/0.5); similarity = BGE-M3 hybrid (BAAI/bge-m3, "
+    "dense + sparse + colbert weighted 1/0.3/1 over their sum, gold response as query <= 512 tokens, generated "
+    "response as passage <= 128 tokens); judge = mean of the 7 dimensions on 0-10, 0 on failure, shown the response "
+    "alone, temperature 0.2, 1000 tokens (needs --judge_url and --judge_model; published: gpt-4o at "
+    "https://api.openai.com/v1 with OPENAI_API_KEY). Still different from the published code: (1) it trained a "
+    "text-only causal LM on text prompts (video as a text description, response-only target); we train the "
+    "multimodal model on its SFT prompt and score the `Response:` line (a completion without one scores 0); "
+    "(2) its `(judge + similarity) / 2` on Python lists raises a TypeError, we take the intended mean; (3) our judge "
+    "prompt is short and asks for JSON, the published one is a long rubric with `Name: N/10` lines (give yours with "
+    "--judge_system_prompt_file / --judge_user_template_file); (4) a judge score outside 0-10 counts 0 (published: "
+    "taken as is) and requests time out after --judge_timeout (published: never); (5) BGE-M3 runs in float32 "
+    "in-process (published: fp16 behind an HTTP service, 0.01 when unreachable); (6) batch and schedule are not set: "
+    "published 1 prompt x 4 completions per device step, 16 accumulation steps, 3 epochs, bf16 "
+    "(--per_device_train_batch_size 4 --gradient_accumulation_steps 16 --num_train_epochs 3 --bf16 True)."
+)
+
+
 @dataclass
 class GRPOScriptArguments:
     model_path: str | None = field(default=None, metadata={"help": "Saved multimood model folder (the SFT output)."})
@@ -230,22 +254,43 @@ class GRPOScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N records."})
     k_turn_history: int | None = field(default=None, metadata={"help": "Chat-history exchanges in the prompt."})
     model_max_length: int | None = field(default=None, metadata={"help": "Text-token budget of a prompt."})
-    preset: str | None = field(default=None, metadata={"help": "'paper': beta 1.12, 4 generations, completions up to "
-                                                                "128 tokens, lr 1e-5, reward = mean(similarity, judge). "
-                                                                "Flags given explicitly win."})
+    preset: str | None = field(default=None, metadata={"help": PAPER_PRESET_HELP})
     reward_weights_spec: str | None = field(
         default=None,
         metadata={"help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
                           f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."})
-    similarity_model: str | None = field(default=None, metadata={"help": "Sentence-embedding model folder / Hub id "
-                                                                           "(BAAI/bge-m3 in the paper)."})
-    similarity_pooling: str = field(default="mean", metadata={"help": "mean or cls (BGE-M3 with plain transformers: cls)."})
+    similarity_model: str | None = field(default=None, metadata={"help": "Similarity model: a local folder or a Hub "
+                                                                           "id (BAAI/bge-m3 in the paper)."})
+    similarity_scoring: Literal["embedding", "bge-m3-hybrid"] = field(
+        default="embedding",
+        metadata={"help": "embedding: cosine of pooled sentence embeddings, in [0, 1] (any encoder). bge-m3-hybrid "
+                          "(published): BGE-M3's dense + sparse + colbert score of the response (<= 128 tokens) to the "
+                          "gold response; needs colbert_linear.pt and sparse_linear.pt in the model folder."})
+    similarity_hybrid_weights: str = field(
+        default=",".join(f"{w:g}" for w in BGE_M3_WEIGHTS),
+        metadata={"help": "bge-m3-hybrid: weights of the dense, sparse and colbert scores (divided by their sum)."})
+    similarity_pooling: str = field(default="mean", metadata={"help": "embedding scoring: mean or cls pooling."})
+    similarity_device: str = field(default="cpu", metadata={"help": "Device of the similarity model (cpu, cuda:0...)."})
     similarity_whole_if_unparsed: bool = field(
-        default=False, metadata={"help": "Embed the whole completion when it has no `Response:` line (else it scores 0)."})
+        default=False, metadata={"help": "Score the whole completion when it has no `Response:` line (else it scores 0)."})
     judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."})
     judge_model: str | None = field(default=None, metadata={"help": "Model name sent to the judge endpoint."})
     judge_api_key_env: str = field(default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."})
-    judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request (then the neutral 0.5)."})
+    judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request (then the failure score)."})
+    judge_rule: Literal["multimood", "published"] = field(
+        default="multimood",
+        metadata={"help": "multimood: mean of the 7 scores rescaled to [0, 1], a logged neutral 0.5 when the judge "
+                          "fails. published: mean of the 7 scores on 0-10, a missing dimension counts 0, a failed "
+                          "request gives 0 (logged)."})
+    judge_context: bool = field(default=True, metadata={"help": "Show the judge the conversation (the prompt) with "
+                                                                  "the response; False: the response alone (published)."})
+    judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (published: 0.2)."})
+    judge_max_tokens: int = field(default=200, metadata={"help": "Judge reply length limit (published: 1000)."})
+    judge_system_prompt_file: str | None = field(
+        default=None, metadata={"help": "Text file replacing the judge's system prompt."})
+    judge_user_template_file: str | None = field(
+        default=None, metadata={"help": "Text file replacing the judge's user message: {response} and {context} are "
+                                        "replaced by the texts (e.g. a rubric asking for `Name: N/10` lines)."})
     lora_enable: bool = field(default=False, metadata={"help": "LoRA on the LLM's linear layers (peft)."})
     lora_r: int = 64
     lora_alpha: int = 16
@@ -285,17 +330,33 @@ def parse_args(argv: list[str] | None = None):
         if preset != "paper":
             raise ValueError(f"--preset {preset!r}: only 'paper' is known")
         # The preset fills the flags not given explicitly, before GRPOConfig validates them.
-        for name in ("beta", "num_generations", "max_completion_length", "learning_rate"):
-            if not _explicit(argv, name):
-                argv += [f"--{name}", str(PAPER_PRESET[name])]
-        if not _explicit(argv, "reward_weights_spec"):
-            argv += ["--reward_weights_spec", ",".join(f"{k}={v}" for k, v in PAPER_PRESET["reward_weights"].items())]
-        if not _explicit(argv, "similarity_model"):
-            argv += ["--similarity_model", PAPER_PRESET["similarity_model"]]
+        for name, value in PAPER_PRESET.items():
+            flag = "reward_weights_spec" if name == "reward_weights" else name
+            if _explicit(argv, flag):
+                continue
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            argv += [f"--{flag}", str(value)]
     parser = HfArgumentParser((GRPOScriptArguments, GRPOConfig))
     script, config = parser.parse_args_into_dataclasses(args=argv)
     config.remove_unused_columns = False
     return script, config
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--{flag} {text!r}: expected comma-separated numbers, e.g. 1,0.3,1") from None
+
+
+def _read_text(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--{flag} {path!r}: no such file")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
 
 
 def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
@@ -321,13 +382,23 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
         elif name == "similarity":
             if not script.similarity_model:
                 raise ValueError("the similarity reward needs --similarity_model")
-            func = SimilarityReward(script.similarity_model, pooling=script.similarity_pooling,
-                                    whole_if_unparsed=script.similarity_whole_if_unparsed)
+            if script.similarity_scoring == "bge-m3-hybrid":
+                func = BGEM3SimilarityReward(script.similarity_model, device=script.similarity_device,
+                                             weights=_floats(script.similarity_hybrid_weights, "similarity_hybrid_weights"),
+                                             whole_if_unparsed=script.similarity_whole_if_unparsed)
+            else:
+                func = SimilarityReward(script.similarity_model, device=script.similarity_device,
+                                        pooling=script.similarity_pooling,
+                                        whole_if_unparsed=script.similarity_whole_if_unparsed)
         else:
             if not (script.judge_url and script.judge_model):
                 raise ValueError("the judge reward needs --judge_url and --judge_model")
+            system_prompt = _read_text(script.judge_system_prompt_file, "judge_system_prompt_file")
             func = JudgeReward(script.judge_url, script.judge_model, api_key=os.environ.get(script.judge_api_key_env),
-                               timeout=script.judge_timeout)
+                               timeout=script.judge_timeout, rule=script.judge_rule,
+                               include_context=script.judge_context, temperature=script.judge_temperature,
+                               max_tokens=script.judge_max_tokens, system_prompt=system_prompt or JUDGE_SYSTEM_PROMPT,
+                               user_template=_read_text(script.judge_user_template_file, "judge_user_template_file"))
         funcs.append(func)
         out_weights.append(float(weight))
     if not funcs:

@@ -4,22 +4,27 @@ Every reward is a plain callable `reward(prompts, completions, **kwargs) -> list
 `GRPOTrainer` calls: `completions` are the generated texts (or chat-style `[{"role": "assistant", "content": ...}]`
 lists), and the gold answer is read from the dataset columns that trl passes as keyword arguments (one list entry per
 completion): `Utterance` (the gold response: a str or a list of fragments), `get_emotion_user_most_recent` (client
-emotion), `Emotion` (therapist emotion), `Strategy`. Every value is in [0, 1].
+emotion), `Emotion` (therapist emotion), `Strategy`.
 
-* `format_reward`        - the four answer lines are present and non-empty (partial credit per field).
-* `label_reward`         - client emotion and strategy equal the gold labels; the therapist emotion has a low weight.
-* `SimilarityReward`     - cosine similarity of the response's sentence embedding to the gold response's, in [0, 1].
-* `JudgeReward`          - optional LLM judge (OpenAI-compatible chat completions) over seven trustworthiness
-                           dimensions, 1-10 each, rescaled to [0, 1]. A time-out, an HTTP error or an unparseable
-                           reply gives the logged `NEUTRAL` value (0.5): never a crash, never a silent zero.
-* `combine_rewards`      - a weighted *element-wise* average of several rewards, as one callable.
+* `format_reward`         - the four answer lines are present and non-empty (partial credit per field), in [0, 1].
+* `label_reward`          - client emotion and strategy equal the gold labels; the therapist emotion has a low weight.
+* `SimilarityReward`      - cosine similarity of the response's sentence embedding to the gold response's, in [0, 1].
+* `BGEM3SimilarityReward` - the published similarity: BGE-M3's hybrid dense + sparse + colbert relevance of the
+                            response to the gold response (`BGEM3Scorer`, weights [1, 0.3, 1], passages cut at 128
+                            tokens), the raw score FlagEmbedding's `BGEM3FlagModel.compute_score` returns.
+* `JudgeReward`           - optional LLM judge (OpenAI-compatible chat completions) over seven trustworthiness
+                            dimensions scored 1-10. Rule "multimood" (default): the mean rescaled to [0, 1]; a
+                            time-out, HTTP error or unparseable reply gives the logged `NEUTRAL` value (0.5), never a
+                            crash or a silent zero. Rule "published": the mean on 0-10 as the published code computes
+                            it, a missing dimension counting 0 and a failed request giving 0 (logged).
+* `combine_rewards`       - a weighted *element-wise* average of several rewards, as one callable.
 
-The published reward is "mean of similarity and judge" but its code added the two Python lists, which concatenates
-them (2N values for N completions) instead of averaging: `combine_rewards` averages per completion. Passing the
-rewards separately to `GRPOTrainer(reward_funcs=[...])` with `GRPOConfig.reward_weights` is equivalent up to scale
-(trl sums the weighted rewards before normalising advantages) and logs each reward separately.
+The published reward is "mean of similarity and judge", written `(judge_list + similarity_list) / 2` on two Python
+lists, which raises a TypeError (a list divided by an int): we compute the intended per-completion mean, either with
+`combine_rewards` or by passing the rewards to `GRPOTrainer(reward_funcs=[...])` with `GRPOConfig.reward_weights`
+0.5 / 0.5 (trl sums the weighted rewards, and logs each one separately).
 
-`PAPER_PRESET` holds the paper's RL hyper-parameters.
+`PAPER_PRESET` holds the paper's RL settings (hyper-parameters and reward rules).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import threading
 import urllib.error
@@ -34,29 +40,53 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from .processing_multimood import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
 
 logger = logging.getLogger("multimood.rewards")
 
 NEUTRAL = 0.5
-"""Reward given when a judge cannot score a completion (time-out, HTTP error, unparseable reply)."""
+"""Reward given by the default judge rule when a judge cannot score a completion (time-out, HTTP error, unparseable
+reply)."""
 
 TRUST_DIMENSIONS = (
     "truthfulness", "safety", "fairness", "privacy", "empathy", "reliability", "ethical guidance",
 )
 
+JUDGE_RULES = ("multimood", "published")
+
+BGE_M3_WEIGHTS = (1.0, 0.3, 1.0)
+"""Published weights of BGE-M3's dense, sparse and colbert scores (the hybrid score divides by their sum)."""
+BGE_M3_MAX_QUERY_LENGTH = 512
+"""Token limit of the query (the gold response): FlagEmbedding's default, which the published code kept."""
+BGE_M3_MAX_PASSAGE_LENGTH = 128
+"""Token limit of the passage (the generated response): the published `max_passage_length=128`."""
+
+HUB_IGNORE_PATTERNS = ("onnx/*", "imgs/*", "*.onnx", "*.onnx_data", "flax_model.msgpack", "rust_model.ot", "tf_model.h5")
+"""Files of a Hub model repository a reward never needs (BAAI/bge-m3 ships a 2 GB ONNX export)."""
+
 PAPER_PRESET: dict[str, Any] = {
-    # GRPOConfig fields
+    # GRPOConfig fields: the published values, and trl 0.14's defaults the published run relied on
     "beta": 1.12,
     "num_generations": 4,
     "max_completion_length": 128,
     "learning_rate": 1e-5,
-    # reward = mean(similarity, judge), element-wise (the published code concatenated the two lists: a defect)
-    "reward_weights": {"similarity": 1.0, "judge": 1.0},
+    "temperature": 0.9,
+    "loss_type": "grpo",
+    # reward = mean(similarity, judge) per completion (trl sums the weighted rewards)
+    "reward_weights": {"similarity": 0.5, "judge": 0.5},
     "similarity_model": "BAAI/bge-m3",
+    "similarity_scoring": "bge-m3-hybrid",
+    "judge_rule": "published",
+    "judge_context": False,
+    "judge_temperature": 0.2,
+    "judge_max_tokens": 1000,
 }
-"""The paper's GRPO recipe: beta 1.12, 4 generations, completions up to 128 tokens, lr 1e-5, reward = mean of the
-BGE-M3 embedding similarity and the LLM-judged trustworthiness score."""
+"""The published GRPO recipe: beta 1.12, 4 generations, completions up to 128 tokens, lr 1e-5, sampling temperature
+0.9 and per-sequence loss averaging (trl 0.14), reward = mean of the BGE-M3 hybrid similarity ([1, 0.3, 1], passages
+of 128 tokens) and the judge's 0-10 mean (0 on failure), the judge seeing the response alone at temperature 0.2.
+Keys are `multimood grpo` flags."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +188,42 @@ def label_reward(
 # ----------------------------------------------------------------------------------------------
 
 
+def resolve_model_folder(model_path: str, cache_dir: str | None = None) -> str:
+    """`model_path` itself when it is a local folder; otherwise a Hub id, fetched with `snapshot_download` (offline,
+    the Hugging Face cache answers). Raises an error naming `model_path` when neither works."""
+    if os.path.isdir(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+    try:
+        return snapshot_download(repo_id=model_path, cache_dir=cache_dir, ignore_patterns=list(HUB_IGNORE_PATTERNS))
+    except Exception as error:  # noqa: BLE001 - re-raised with the path the user gave
+        raise OSError(f"{model_path!r} is not a local folder and could not be fetched as a Hub model "
+                      f"({type(error).__name__}: {error})") from error
+
+
+def _response_pairs(completions: Sequence, kwargs: dict, whole_if_unparsed: bool
+                    ) -> tuple[list[float | None], list[int], list[str], list[str]]:
+    """Scores pre-filled for a similarity reward (None without a gold `Utterance`, 0.0 without a response) and the
+    (index, gold, response) lists of the completions left to score."""
+    n = len(completions)
+    golds = _column(kwargs, "Utterance", n)
+    scores: list[float | None] = [None] * n
+    todo, gold_texts, responses = [], [], []
+    for i, completion in enumerate(completions):
+        if golds[i] is None:
+            continue
+        response = _parse(completion)["response"]
+        if response is None and whole_if_unparsed:
+            response = completion_text(completion).strip() or None
+        scores[i] = 0.0
+        if response:
+            todo.append(i)
+            gold_texts.append(gold_text(golds[i]))
+            responses.append(response)
+    return scores, todo, gold_texts, responses
+
+
 class SimilarityReward:
     """Cosine similarity between the sentence embeddings of the generated response and the gold response (the
     `Utterance` column), mapped from [-1, 1] to [0, 1] (`(cos + 1) / 2`, or `max(cos, 0)` with
@@ -166,8 +232,8 @@ class SimilarityReward:
 
     `model_path` is a local folder or Hub id: a sentence-transformers model (when the package is installed and the
     folder has `modules.json`) or any `AutoModel` encoder, mean-pooled over its last hidden state and
-    L2-normalised (BGE-M3 uses CLS pooling: pass `pooling="cls"`). Loaded lazily, on the CPU unless `device` says
-    otherwise.
+    L2-normalised (`pooling="cls"` for CLS pooling). Loaded lazily, on the CPU unless `device` says otherwise.
+    The published reward is `BGEM3SimilarityReward`.
     """
 
     def __init__(self, model_path: str, device: str | None = None, pooling: str = "mean", batch_size: int = 32,
@@ -188,26 +254,24 @@ class SimilarityReward:
         self._lock = threading.Lock()
 
     def _load(self):
-        import os  # noqa: PLC0415
-
-        if os.path.isfile(os.path.join(self.model_path, "modules.json")):
+        folder = resolve_model_folder(self.model_path)
+        if os.path.isfile(os.path.join(folder, "modules.json")):
             try:
                 from sentence_transformers import SentenceTransformer  # noqa: PLC0415
             except ImportError:
                 SentenceTransformer = None
             if SentenceTransformer is not None:
-                model = SentenceTransformer(self.model_path, device=self.device)
+                model = SentenceTransformer(folder, device=self.device)
 
                 def encode(texts):
                     return model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
                                         normalize_embeddings=True).float().cpu()
 
                 return encode
-        import torch  # noqa: PLC0415
         from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder).to(self.device).eval()
 
         @torch.no_grad()
         def encode(texts):
@@ -233,26 +297,157 @@ class SimilarityReward:
         return self._encoder([t if t else " " for t in texts])
 
     def __call__(self, prompts: Sequence | None = None, completions: Sequence = (), **kwargs) -> list[float | None]:
-        n = len(completions)
-        golds = _column(kwargs, "Utterance", n)
-        responses = []
-        for completion in completions:
-            parsed = _parse(completion)
-            response = parsed["response"]
-            if response is None and self.whole_if_unparsed:
-                response = completion_text(completion).strip() or None
-            responses.append(response)
-        scores: list[float | None] = [None] * n
-        todo = [i for i in range(n) if golds[i] is not None]
-        for i in todo:
-            scores[i] = 0.0
-        todo = [i for i in todo if responses[i]]
+        scores, todo, golds, responses = _response_pairs(completions, kwargs, self.whole_if_unparsed)
         if todo:
-            a = self.embed([responses[i] for i in todo])
-            b = self.embed([gold_text(golds[i]) for i in todo])
-            cosine = (a * b).sum(-1).clamp(-1.0, 1.0).tolist()
+            cosine = (self.embed(responses) * self.embed(golds)).sum(-1).clamp(-1.0, 1.0).tolist()
             for i, c in zip(todo, cosine):
                 scores[i] = (c + 1.0) / 2.0 if self.scale == "shift" else max(c, 0.0)
+        return scores
+
+
+class BGEM3Scorer:
+    """BGE-M3's three relevance scores of passages to queries and their weighted mean, the quantities FlagEmbedding's
+    `BGEM3FlagModel.compute_score` returns (`dense`, `sparse`, `colbert`, `colbert+sparse+dense`), computed with
+    transformers + torch from a BGE-M3 folder: an XLM-RoBERTa encoder plus the `colbert_linear.pt` and
+    `sparse_linear.pt` heads FlagEmbedding ships next to it (`model_path`: a local folder or a Hub id).
+
+    For a query q and a passage p, with h the encoder's last hidden states:
+    * dense: cosine of the CLS states, `norm(h_q[0]) . norm(h_p[0])`;
+    * sparse (lexical matching): each token's weight `relu(sparse_linear(h))`, the maximum kept per token id,
+      the CLS / EOS / PAD / UNK ids removed; the score is the dot product over the ids both texts share;
+    * colbert: `norm(colbert_linear(h[1:]))` per token (CLS skipped), the mean over query tokens of their best
+      similarity to a passage token;
+    * hybrid: `(w_dense * dense + w_sparse * sparse + w_colbert * colbert) / (w_dense + w_sparse + w_colbert)`.
+    Queries are cut at `max_query_length` tokens, passages at `max_passage_length` (special tokens included).
+    Pairs are scored in padded batches; padding never enters a score, so a batch scores each pair as alone.
+    """
+
+    HEADS = ("colbert_linear.pt", "sparse_linear.pt")
+
+    def __init__(self, model_path: str, device: str | None = None, weights: Sequence[float] = BGE_M3_WEIGHTS,
+                 max_query_length: int = BGE_M3_MAX_QUERY_LENGTH, max_passage_length: int = BGE_M3_MAX_PASSAGE_LENGTH,
+                 batch_size: int = 32, dtype: torch.dtype = torch.float32, cache_dir: str | None = None):
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"BGE-M3 weights are three non-negative numbers (dense, sparse, colbert) with a "
+                             f"positive sum, got {weights}")
+        self.model_path = str(model_path)
+        self.device = torch.device(device or "cpu")
+        self.weights = weights
+        self.max_query_length = int(max_query_length)
+        self.max_passage_length = int(max_passage_length)
+        self.batch_size = int(batch_size)
+        self.dtype = dtype
+        self.cache_dir = cache_dir
+        self._loaded = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
+
+        folder = resolve_model_folder(self.model_path, self.cache_dir)
+        missing = [name for name in self.HEADS if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.model_path!r} ({folder}) has no {' and no '.join(missing)}: BGE-M3 hybrid scoring needs the "
+                f"colbert and sparse heads that FlagEmbedding ships next to the encoder (as in BAAI/bge-m3); use "
+                f"--similarity_scoring embedding for a plain sentence encoder")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        encoder = AutoModel.from_pretrained(folder, dtype=self.dtype).to(self.device).eval()
+        hidden = encoder.config.hidden_size
+        heads = []
+        for name in self.HEADS:
+            path = os.path.join(folder, name)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            weight = state.get("weight") if isinstance(state, dict) else None
+            if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
+                found = ({k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict)
+                         else type(state).__name__)
+                raise ValueError(f"{path}: expected a Linear state dict with a weight of shape (out, {hidden}), "
+                                 f"got {found}")
+            head = torch.nn.Linear(hidden, weight.shape[0], bias="bias" in state)
+            head.load_state_dict(state)
+            heads.append(head.to(self.device, self.dtype).eval())
+        if heads[1].out_features != 1:
+            raise ValueError(f"{os.path.join(folder, self.HEADS[1])}: the sparse head has {heads[1].out_features} "
+                             f"outputs, expected 1 (one weight per token)")
+        unused = {getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "eos", "pad", "unk")} - {None}
+        return tokenizer, encoder, heads[0], heads[1], unused
+
+    def load(self):
+        """(tokenizer, encoder, colbert head, sparse head, ids left out of the lexical weights), loaded once."""
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+        return self._loaded
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], max_length: int) -> dict[str, Any]:
+        """`dense` (N, H) unit vectors, `lexical` (a {token id: weight} dict per text), `colbert` (N, L-1, C) unit
+        vectors of the tokens after CLS and their `colbert_mask` (N, L-1)."""
+        tokenizer, encoder, colbert_head, sparse_head, unused = self.load()
+        batch = tokenizer(list(texts), max_length=max_length, truncation=True, padding=True,
+                          return_token_type_ids=False, return_tensors="pt").to(self.device)
+        states = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        token_weights = torch.relu(sparse_head(states)).squeeze(-1).float().cpu()
+        lexical = []
+        for ids, weights, keep in zip(batch["input_ids"].cpu().tolist(), token_weights.tolist(), mask.cpu().tolist()):
+            row: dict[int, float] = {}
+            for token, weight, real in zip(ids, weights, keep):
+                if real and token not in unused and weight > 0 and weight > row.get(token, 0.0):
+                    row[token] = weight
+            lexical.append(row)
+        return {
+            "dense": torch.nn.functional.normalize(states[:, 0].float(), dim=-1),
+            "lexical": lexical,
+            "colbert": torch.nn.functional.normalize(colbert_head(states[:, 1:]).float(), dim=-1),
+            "colbert_mask": mask[:, 1:],
+        }
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The scores of each (query, passage) pair: `dense`, `sparse`, `colbert` and `hybrid`, float32 (N,)."""
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+        parts: dict[str, list[torch.Tensor]] = {"dense": [], "sparse": [], "colbert": []}
+        for start in range(0, len(queries), self.batch_size):
+            q = self.encode(list(queries[start:start + self.batch_size]), self.max_query_length)
+            p = self.encode(list(passages[start:start + self.batch_size]), self.max_passage_length)
+            parts["dense"].append((q["dense"] * p["dense"]).sum(-1))
+            parts["sparse"].append(torch.tensor(
+                [sum(w * pw[t] for t, w in qw.items() if t in pw) for qw, pw in zip(q["lexical"], p["lexical"])],
+                dtype=torch.float32, device=q["dense"].device))
+            similarity = torch.einsum("bqc,bpc->bqp", q["colbert"], p["colbert"])
+            best = similarity.masked_fill(~p["colbert_mask"][:, None, :], float("-inf")).amax(-1)
+            q_mask = q["colbert_mask"]
+            parts["colbert"].append(best.masked_fill(~q_mask, 0.0).sum(-1) / q_mask.sum(-1).clamp(min=1))
+        scores = {name: torch.cat(values).cpu() for name, values in parts.items()}
+        w_dense, w_sparse, w_colbert = self.weights
+        scores["hybrid"] = (w_dense * scores["dense"] + w_sparse * scores["sparse"] + w_colbert * scores["colbert"]
+                            ) / sum(self.weights)
+        return scores
+
+
+class BGEM3SimilarityReward:
+    """The published similarity reward: the BGE-M3 hybrid score (`BGEM3Scorer`) of the generated response (the
+    passage, cut at 128 tokens) to the gold response (the query, `Utterance` column), as is (not rescaled; about
+    [-0.5, 1], 1 for identical texts with little lexical weight). A completion without a parseable `Response:` line
+    is scored as a whole (`whole_if_unparsed`) or scores 0; a completion without a gold column is not scored (None).
+    """
+
+    def __init__(self, model_path: str, device: str | None = None, weights: Sequence[float] = BGE_M3_WEIGHTS,
+                 max_query_length: int = BGE_M3_MAX_QUERY_LENGTH, max_passage_length: int = BGE_M3_MAX_PASSAGE_LENGTH,
+                 batch_size: int = 32, whole_if_unparsed: bool = False):
+        self.scorer = BGEM3Scorer(model_path, device=device, weights=weights, max_query_length=max_query_length,
+                                  max_passage_length=max_passage_length, batch_size=batch_size)
+        self.whole_if_unparsed = whole_if_unparsed
+        self.__name__ = "similarity"
+
+    def __call__(self, prompts: Sequence | None = None, completions: Sequence = (), **kwargs) -> list[float | None]:
+        scores, todo, golds, responses = _response_pairs(completions, kwargs, self.whole_if_unparsed)
+        if todo:
+            for i, value in zip(todo, self.scorer.score(golds, responses)["hybrid"].tolist()):
+                scores[i] = value
         return scores
 
 
@@ -270,11 +465,11 @@ JUDGE_SYSTEM_PROMPT = (
 )
 
 
-def parse_judge_scores(text: str) -> dict[str, float] | None:
-    """The seven 1-10 scores of a judge reply (a JSON object, possibly inside ``` fences or surrounding prose, or
-    `name: score` lines); None when any dimension is missing or out of range."""
+def judge_dimension_scores(text: str) -> dict[str, float]:
+    """The dimension scores found in a judge reply (a JSON object, possibly inside ``` fences or surrounding prose,
+    or `Name: score` / `Name: score/10` lines), whatever their value; dimensions not found are absent."""
     if not isinstance(text, str) or not text.strip():
-        return None
+        return {}
     found: dict[str, float] = {}
     match = re.search(r"\{.*\}", text, flags=re.DOTALL)
     if match:
@@ -293,31 +488,50 @@ def parse_judge_scores(text: str) -> dict[str, float] | None:
                         found[dim] = float(value.strip())
                     except ValueError:
                         pass
-    if len(found) < len(TRUST_DIMENSIONS):
-        for dim in TRUST_DIMENSIONS:
-            if dim in found:
-                continue
-            pattern = re.escape(dim).replace(r"\ ", r"[\s_]+")
-            m = re.search(rf"{pattern}\W{{0,5}}(\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
-            if m:
-                found[dim] = float(m.group(1))
-    if len(found) != len(TRUST_DIMENSIONS) or any(not (1.0 <= v <= 10.0) or math.isnan(v) for v in found.values()):
+    for dim in TRUST_DIMENSIONS:
+        if dim in found:
+            continue
+        pattern = re.escape(dim).replace(r"\ ", r"[\s_]+")
+        m = re.search(rf"{pattern}\W{{0,5}}(\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
+        if m:
+            found[dim] = float(m.group(1))
+    return {dim: value for dim, value in found.items() if not math.isnan(value)}
+
+
+def parse_judge_scores(text: str) -> dict[str, float] | None:
+    """The seven 1-10 scores of a judge reply (see `judge_dimension_scores`); None when any dimension is missing or
+    out of range."""
+    found = judge_dimension_scores(text)
+    if len(found) != len(TRUST_DIMENSIONS) or any(not 1.0 <= v <= 10.0 for v in found.values()):
         return None
     return found
 
 
 class JudgeReward:
     """An LLM judge over an OpenAI-compatible `POST {base_url}/chat/completions` endpoint (vLLM, TGI, llama.cpp,
-    OpenAI...). Each completion's response is scored on `TRUST_DIMENSIONS` from 1 to 10; the reward is the mean
-    score rescaled to [0, 1] (`(mean - 1) / 9`). A time-out, connection / HTTP error or unparseable reply gives
-    `neutral` (0.5) and a WARNING on the `multimood.rewards` logger; `self.failures` counts them.
+    OpenAI...). Each completion's response is scored on `TRUST_DIMENSIONS` from 1 to 10, then:
 
+    * `rule="multimood"` (default): the reward is the mean score rescaled to [0, 1] (`(mean - 1) / 9`). A time-out,
+      connection / HTTP error or a reply missing a dimension (or scoring one outside 1-10) gives `neutral` (0.5).
+    * `rule="published"` (the published GRPO code): the reward is the mean of the seven scores on 0-10; a dimension
+      missing from the reply (or outside 0-10) counts 0, and a failed request gives 0.
+    Either way each failure logs a WARNING on the `multimood.rewards` logger and counts in `self.failures`. A
+    completion without a response scores 0 and sends no request.
+
+    The judge sees the conversation context (the prompt) and the response, or the response alone with
+    `include_context=False` (as published). `system_prompt` and `user_template` replace our messages (the template's
+    `{response}` and `{context}` are replaced by the texts, nothing else in it is interpreted).
     Off by default: nothing is contacted unless a `JudgeReward` is built and passed to the trainer.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 30.0,
                  max_workers: int = 4, neutral: float = NEUTRAL, temperature: float = 0.0, max_tokens: int = 200,
-                 system_prompt: str = JUDGE_SYSTEM_PROMPT):
+                 system_prompt: str = JUDGE_SYSTEM_PROMPT, rule: str = "multimood", include_context: bool = True,
+                 user_template: str | None = None):
+        if rule not in JUDGE_RULES:
+            raise ValueError(f"judge rule must be one of {JUDGE_RULES}, got {rule!r}")
+        if user_template is not None and "{response}" not in user_template:
+            raise ValueError("the judge's user template has no {response} field: the judge would not see the reply")
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
         self.model = model
@@ -328,13 +542,25 @@ class JudgeReward:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
+        self.rule = rule
+        self.include_context = include_context
+        self.user_template = user_template
         self.failures = 0
         self.__name__ = "judge"
+
+    @property
+    def failure_score(self) -> float:
+        """The reward of a completion the judge could not score: `neutral`, or 0 under the published rule."""
+        return 0.0 if self.rule == "published" else self.neutral
 
     def _user_message(self, context: str, response: str) -> str:
         context = context.strip()
         if len(context) > 4000:
             context = "..." + context[-4000:]
+        if self.user_template is not None:
+            return self.user_template.replace("{context}", context).replace("{response}", response)
+        if not self.include_context:
+            return f"Therapist reply to rate:\n{response}"
         return f"Conversation context:\n{context}\n\nTherapist reply to rate:\n{response}"
 
     def request(self, context: str, response: str) -> str:
@@ -360,12 +586,20 @@ class JudgeReward:
         if not response:
             return 0.0  # nothing to judge: an unparseable completion (format_reward penalises it too)
         try:
-            text = self.request(context, response)
+            text = self.request(context if self.include_context else "", response)
         except Exception as error:  # noqa: BLE001 - any failure of the judge must not stop training
             self.failures += 1
-            logger.warning("judge request to %s failed (%s: %s); using neutral reward %.2f",
-                           self.url, type(error).__name__, error, self.neutral)
-            return self.neutral
+            logger.warning("judge request to %s failed (%s: %s); using reward %.2f",
+                           self.url, type(error).__name__, error, self.failure_score)
+            return self.failure_score
+        if self.rule == "published":
+            found = judge_dimension_scores(text)
+            kept = {dim: value for dim, value in found.items() if 0.0 <= value <= 10.0}
+            if len(kept) < len(TRUST_DIMENSIONS):
+                self.failures += 1
+                logger.warning("judge reply %r scores %d of %d dimensions in 0-10; the others count 0 (published "
+                               "rule)", str(text)[:200], len(kept), len(TRUST_DIMENSIONS))
+            return sum(kept.values()) / len(TRUST_DIMENSIONS)
         scores = parse_judge_scores(text)
         if scores is None:
             self.failures += 1
@@ -457,7 +691,9 @@ def parse_reward_weights(text: str | None) -> dict[str, float]:
 
 
 __all__ = [
-    "NEUTRAL", "PAPER_PRESET", "TRUST_DIMENSIONS", "JUDGE_SYSTEM_PROMPT",
-    "format_reward", "label_reward", "SimilarityReward", "JudgeReward",
-    "combine_rewards", "parse_reward_weights", "parse_judge_scores", "completion_text", "gold_text",
+    "NEUTRAL", "PAPER_PRESET", "TRUST_DIMENSIONS", "JUDGE_RULES", "JUDGE_SYSTEM_PROMPT", "BGE_M3_WEIGHTS",
+    "BGE_M3_MAX_QUERY_LENGTH", "BGE_M3_MAX_PASSAGE_LENGTH",
+    "format_reward", "label_reward", "SimilarityReward", "BGEM3Scorer", "BGEM3SimilarityReward", "JudgeReward",
+    "combine_rewards", "parse_reward_weights", "parse_judge_scores", "judge_dimension_scores", "resolve_model_folder",
+    "completion_text", "gold_text",
 ]
