@@ -198,6 +198,83 @@ def test_judge_unreachable_gives_neutral():
     assert judge(prompts=["c"], completions=[GOOD]) == [R.NEUTRAL]
 
 
+def _published_reply(scores: dict[str, int]) -> str:
+    """A reply in the published judge's output format (`Name: N/10` lines after the original response)."""
+    lines = [f"{dim.title()}: {value}/10" for dim, value in scores.items()]
+    return "Original response: Kate said that?\n" + "\n".join(lines)
+
+
+def test_judge_published_rule_mean_on_0_10_and_zero_on_failure(caplog):
+    full = dict(zip(R.TRUST_DIMENSIONS, [9, 8, 7, 10, 6, 8, 9]))
+    partial = {dim: value for dim, value in full.items() if dim != "empathy"}  # one dimension missing
+    wild = {**full, "safety": 42}  # out of range
+    replies = iter([_published_reply(full), _published_reply(partial), _published_reply(wild), "no scores at all"])
+    lock = threading.Lock()
+
+    def reply(body):
+        with lock:
+            return 200, _chat(next(replies))
+
+    server, url, seen = _serve(reply)
+    try:
+        judge = R.JudgeReward(url, "m", timeout=5, rule="published", include_context=False, max_workers=1,
+                              temperature=0.2, max_tokens=1000)
+        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+            out = judge(prompts=["context: Kate is my sister"] * 5, completions=[GOOD, GOOD, GOOD, GOOD, BAD])
+    finally:
+        server.shutdown()
+    assert out[0] == pytest.approx(57 / 7)  # (9+8+7+10+6+8+9) / 7 on the 0-10 scale
+    assert out[1] == pytest.approx((57 - 6) / 7)  # empathy missing counts 0
+    assert out[2] == pytest.approx((57 - 8) / 7)  # safety 42/10 counts 0
+    assert out[3] == 0.0 and out[4] == 0.0  # nothing parseable; no response to judge (no request)
+    assert judge.failures == 3 and sum(r.levelno == logging.WARNING for r in caplog.records) == 3
+    assert len(seen) == 4
+    user = seen[0]["body"]["messages"][-1]["content"]
+    assert "Kate said that?" in user and "Kate is my sister" not in user  # the response alone, as published
+    assert (seen[0]["body"]["temperature"], seen[0]["body"]["max_tokens"]) == (0.2, 1000)
+
+
+@pytest.mark.parametrize("status", [500, "timeout"])
+def test_judge_published_rule_failed_request_gives_zero(status, caplog):
+    if status == "timeout":
+        server, url, _ = _serve(lambda body: (time.sleep(3), (200, _chat("{}")))[1])
+    else:
+        server, url, _ = _serve(lambda body: (status, "internal error"))
+    try:
+        judge = R.JudgeReward(url, "m", timeout=0.5, rule="published")
+        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+            out = judge(prompts=["c"], completions=[GOOD])
+    finally:
+        server.shutdown()
+    assert out == [0.0] and judge.failures == 1
+    assert any("failed" in r.getMessage() for r in caplog.records)
+    # the default rule on the same failure: the logged neutral value
+    assert R.JudgeReward("http://127.0.0.1:9/v1", "m", timeout=1).failure_score == R.NEUTRAL
+
+
+def test_judge_prompt_files_replace_the_messages(tmp_path):
+    from multimood.grpo import build_rewards, parse_args
+
+    (tmp_path / "system.txt").write_text("You rate therapists.")
+    (tmp_path / "user.txt").write_text('Rate {"this"} answer: {response}\nAfter: {context}')
+    server, url, seen = _serve(lambda body: (200, _chat(_published_reply(dict.fromkeys(R.TRUST_DIMENSIONS, 5)))))
+    try:
+        script, _ = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--preset", "paper",
+                                "--judge_url", url, "--judge_model", "m", "--reward_weights", "judge=1",
+                                "--judge_system_prompt_file", str(tmp_path / "system.txt"),
+                                "--judge_user_template_file", str(tmp_path / "user.txt")])
+        (judge,), _ = build_rewards(script)
+        assert judge(prompts=["the context"], completions=[GOOD]) == [5.0]
+    finally:
+        server.shutdown()
+    messages = seen[0]["body"]["messages"]
+    assert messages[0]["content"] == "You rate therapists."
+    assert messages[1]["content"] == 'Rate {"this"} answer: Kate said that?\nAfter: '  # no context under the preset
+    (tmp_path / "user.txt").write_text("no field")
+    with pytest.raises(ValueError, match="response"):
+        build_rewards(script)
+
+
 def test_parse_judge_scores_variants():
     lines = "\n".join(f"{d.title()}: {i + 2}" for i, d in enumerate(R.TRUST_DIMENSIONS))
     assert R.parse_judge_scores(lines)["ethical guidance"] == 8.0
@@ -218,10 +295,16 @@ def test_parse_args_paper_preset(tmp_path):
                                  "--per_device_train_batch_size", "4", "--beta", "0.5"])
     assert (config.num_generations, config.max_completion_length, config.learning_rate) == (4, 128, 1e-5)
     assert config.beta == 0.5  # explicit flags win over the preset
-    assert script.similarity_model == "BAAI/bge-m3"
-    assert R.parse_reward_weights(script.reward_weights_spec) == {"similarity": 1.0, "judge": 1.0}
+    assert (config.temperature, config.loss_type) == (0.9, "grpo")  # trl 0.14, which the published run used
+    assert (script.similarity_model, script.similarity_scoring) == ("BAAI/bge-m3", "bge-m3-hybrid")
+    assert (script.judge_rule, script.judge_context, script.judge_temperature, script.judge_max_tokens) == (
+        "published", False, 0.2, 1000)
+    # reward = mean(similarity, judge): trl sums the weighted rewards
+    assert R.parse_reward_weights(script.reward_weights_spec) == {"similarity": 0.5, "judge": 0.5}
     with pytest.raises(ValueError, match="judge"):
         build_rewards(script)  # the paper's judge needs an endpoint
+    script, config = parse_args(["--model_path", "m", "--output_dir", str(tmp_path)])
+    assert (script.similarity_scoring, script.judge_rule, script.judge_context) == ("embedding", "multimood", True)
     script, _ = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--reward_weights", "format=1,label=2"])
     funcs, weights = build_rewards(script)
     assert [f.__name__ for f in funcs] == ["format_reward", "label_reward"] and weights == [1.0, 2.0]
