@@ -1,5 +1,6 @@
-"""GRPO stage: the rewards on hand-made cases, the LLM judge against local HTTP servers (canned scores, a time-out,
-garbage), and a tiny GRPO run on real MESC records and clips that updates the trainable weights."""
+"""GRPO stage: the rewards on hand-made cases, the LLM judge (both rules) against local HTTP servers (canned scores,
+a time-out, garbage), and a tiny paper-preset GRPO run on real MESC records and clips that updates the trainable
+weights. The BGE-M3 hybrid similarity is checked in test_bge_m3_reward.py."""
 
 from __future__ import annotations
 
@@ -324,8 +325,17 @@ def sft_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_bge_m3(tmp_path_factory) -> Path:
+    from bge_m3_utils import write_tiny_bge_m3
+
+    return write_tiny_bge_m3(tmp_path_factory.mktemp("tiny_bge_m3"))
+
+
 @pytest.mark.slow
-def test_tiny_grpo_run_updates_weights(sft_model, shared_data, tiny_encoder, tmp_path):
+def test_tiny_paper_preset_grpo_run_updates_weights(sft_model, shared_data, tiny_bge_m3, tmp_path):
+    """The paper preset end to end (BGE-M3 hybrid similarity, the published judge rule against a local server) with
+    the budget flags made tiny."""
     from safetensors.torch import load_file
 
     from multimood import grpo
@@ -340,26 +350,30 @@ def test_tiny_grpo_run_updates_weights(sft_model, shared_data, tiny_encoder, tmp
         return original(self, model, input_ids, *args, **kwargs)
 
     trainer_cls._get_per_token_logps_and_entropies = spy
+    server, url, _ = _serve(lambda body: (200, _chat(json.dumps(dict.fromkeys(R.TRUST_DIMENSIONS, 7)))))
     out = tmp_path / "grpo"
     try:
         trainer, result = grpo.main([
             "--model_path", str(sft_model),
             "--data_path", str(shared_data / "records" / "mesc_val_records.jsonl"),
             "--vid_folder", str(shared_data / "media" / "video"),
-            "--output_dir", str(out), "--max_train_samples", "4",
+            "--output_dir", str(out), "--max_train_samples", "4", "--preset", "paper",
             "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "12",
             "--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2", "--beta", "0.1",
-            "--reward_weights", "format=0.5,label=1,similarity=1", "--similarity_model", str(tiny_encoder),
-            "--similarity_whole_if_unparsed", "True",
+            "--reward_weights", "format=0.5,label=1,similarity=0.5,judge=0.5", "--similarity_model", str(tiny_bge_m3),
+            "--similarity_whole_if_unparsed", "True", "--judge_url", url, "--judge_model", "m",
             "--report_to", "none", "--save_strategy", "no", "--seed", "0",
         ])
     finally:
         trainer_cls._get_per_token_logps_and_entropies = original
+        server.shutdown()
+    assert isinstance(trainer.reward_funcs[2], R.BGEM3SimilarityReward)
+    assert trainer.reward_funcs[3].rule == "published"
     # the media reached the log-prob passes (old/ref and policy)
     assert seen_media and all("pixel_values_videos" in keys and "history_input_ids" in keys for keys in seen_media)
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     assert len(logs) == 2
-    for name in ("format_reward", "label_reward", "similarity"):
+    for name in ("format_reward", "label_reward", "similarity", "judge"):
         assert all(f"rewards/{name}/mean" in entry for entry in logs)
     # the trained weights moved away from the SFT weights
     before = load_file(str(sft_model / "model.safetensors"))
