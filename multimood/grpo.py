@@ -282,7 +282,7 @@ class GRPOScriptArguments:
         metadata={"help": "multimood: mean of the 7 scores rescaled to [0, 1], a logged neutral 0.5 when the judge "
                           "fails. published: mean of the 7 scores on 0-10, a missing dimension counts 0, a failed "
                           "request gives 0 (logged)."})
-    judge_context: bool = field(default=True, metadata={"help": "Show the judge the conversation (the prompt) with "
+    judge_context: bool = field(default=True, metadata={"help": "Show the judge the conversation (the prompt) and "
                                                                   "the response; False: the response alone (published)."})
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (published: 0.2)."})
     judge_max_tokens: int = field(default=200, metadata={"help": "Judge reply length limit (published: 1000)."})
@@ -383,9 +383,9 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
             if not script.similarity_model:
                 raise ValueError("the similarity reward needs --similarity_model")
             if script.similarity_scoring == "bge-m3-hybrid":
+                mode_weights = _floats(script.similarity_hybrid_weights, "similarity_hybrid_weights")
                 func = BGEM3SimilarityReward(script.similarity_model, device=script.similarity_device,
-                                             weights=_floats(script.similarity_hybrid_weights, "similarity_hybrid_weights"),
-                                             whole_if_unparsed=script.similarity_whole_if_unparsed)
+                                             weights=mode_weights, whole_if_unparsed=script.similarity_whole_if_unparsed)
             else:
                 func = SimilarityReward(script.similarity_model, device=script.similarity_device,
                                         pooling=script.similarity_pooling,

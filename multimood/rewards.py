@@ -63,7 +63,8 @@ BGE_M3_MAX_QUERY_LENGTH = 512
 BGE_M3_MAX_PASSAGE_LENGTH = 128
 """Token limit of the passage (the generated response): the published `max_passage_length=128`."""
 
-HUB_IGNORE_PATTERNS = ("onnx/*", "imgs/*", "*.onnx", "*.onnx_data", "flax_model.msgpack", "rust_model.ot", "tf_model.h5")
+HUB_IGNORE_PATTERNS = ("onnx/*", "imgs/*", "*.onnx", "*.onnx_data", "flax_model.msgpack", "rust_model.ot",
+                       "tf_model.h5")
 """Files of a Hub model repository a reward never needs (BAAI/bge-m3 ships a 2 GB ONNX export)."""
 
 PAPER_PRESET: dict[str, Any] = {

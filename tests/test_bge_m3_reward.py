@@ -127,7 +127,7 @@ def test_passage_cut_at_128_tokens_query_at_512(tiny_bge_m3, hand):
 def test_reward_scores_the_response_line_against_the_gold(tiny_bge_m3, hand):
     reward = R.BGEM3SimilarityReward(str(tiny_bge_m3))
     gold = "I am really sorry to hear you lost your job this week."
-    response = "You feel unheard, tell me more about it."
+    response = "you lost your job"
     completions = [format_answer("sadness", "neutral", "reflection of feelings", response), "no answer lines", response]
     scores = reward(prompts=["p"] * 3, completions=completions, Utterance=[[gold]] * 3)
     # the gold response is the query, the generated response the passage (the published service's order)
