@@ -1,7 +1,8 @@
 """GRPO fine-tuning of a MultiMood model (the paper's RL stage) with trl's `GRPOTrainer`.
 
 Run with `python run_scripts/run_grpo.py --model_path SFT_DIR --data_path records.jsonl --vid_folder clips/
---output_dir out/ --preset paper --similarity_model BAAI/bge-m3 [--judge_url http://host:8000/v1 --judge_model NAME]`
+--output_dir out/ --preset paper --judge_url http://host:8000/v1 --judge_model NAME` (the paper's recipe, see `--preset`
+in `--help`; `docs/fidelity.md` lists what differs from the published GRPO code)
 (or under `torchrun` / `accelerate launch`, with `--deepspeed run_scripts/zero2.json`).
 
 Data: the same records as SFT (JSONL / JSON array, validated by the dataset builder); the processor turns each

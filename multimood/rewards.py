@@ -431,9 +431,10 @@ class BGEM3Scorer:
 
 class BGEM3SimilarityReward:
     """The published similarity reward: the BGE-M3 hybrid score (`BGEM3Scorer`) of the generated response (the
-    passage, cut at 128 tokens) to the gold response (the query, `Utterance` column), as is (not rescaled; about
-    [-0.5, 1], 1 for identical texts with little lexical weight). A completion without a parseable `Response:` line
-    is scored as a whole (`whole_if_unparsed`) or scores 0; a completion without a gold column is not scored (None).
+    passage, cut at 128 tokens) to the gold response (the query, `Utterance` column), as is: not rescaled, roughly
+    0-1 with BGE-M3 but unbounded in principle (the sparse score has no upper limit). A completion without a parseable
+    `Response:` line is scored as a whole (`whole_if_unparsed`) or scores 0; a completion without a gold column is
+    not scored (None).
     """
 
     def __init__(self, model_path: str, device: str | None = None, weights: Sequence[float] = BGE_M3_WEIGHTS,
@@ -628,8 +629,8 @@ def combine_rewards(rewards: dict[str, Callable] | Sequence[Callable], weights: 
     """One reward callable: the weighted element-wise average of `rewards` per completion
     (`sum_k w_k r_k / sum_k w_k`, over the rewards that scored the completion, i.e. did not return None).
 
-    This is the fixed form of the published `similarity + judge` (list concatenation); with equal weights it is
-    the paper's mean of the two scores.
+    With equal weights it is the paper's mean of similarity and judge, which the published
+    `(judge_list + similarity_list) / 2` meant (on Python lists it raises a TypeError).
     """
     if isinstance(rewards, dict):
         names = list(rewards)

@@ -60,7 +60,7 @@ def test_combine_rewards_is_elementwise_mean_not_concatenation():
 
     combined = R.combine_rewards({"a": a, "b": b})
     out = combined(prompts=["p"] * 3, completions=["x"] * 3)
-    assert len(out) == 3  # the published `a + b` would give 6 values
+    assert len(out) == 3  # one value per completion (published `(a + b) / 2` on lists: concatenation, then TypeError)
     assert out == [0.5, 0.0, 0.5]  # None is left out of the mean
     weighted = R.combine_rewards([a, b], weights=[3, 1])
     assert weighted(completions=["x"] * 3)[0] == pytest.approx(0.75)
