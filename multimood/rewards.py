@@ -396,7 +396,7 @@ class BGEM3Scorer:
         for ids, weights, keep in zip(batch["input_ids"].cpu().tolist(), token_weights.tolist(), mask.cpu().tolist()):
             row: dict[int, float] = {}
             for token, weight, real in zip(ids, weights, keep):
-                if real and token not in unused and weight > 0 and weight > row.get(token, 0.0):
+                if real and token not in unused and weight > row.get(token, 0.0):
                     row[token] = weight
             lexical.append(row)
         return {
