@@ -43,6 +43,15 @@ dropped first, then the oldest compressor utterances (each frees one `<history>`
 the client's utterance and the media blocks are never cut; a sample that still does not fit raises a
 `MultimoodRecordError` naming the record.
 
+Prompt styles (`prompt_style`, a processor setting, overridable per call): the layout above is
+`"multimood"`. `"published-train"` and `"published-eval"` reproduce, token for token, the inputs of the
+published MultiMood code's training and inference (`PUBLISHED_PROMPTS`; MESC label lists as published,
+whatever the processor's label set): their `<video>` slot holds our `<video>` then `<audio>` block, their
+`<history>` stays plain text unless `use_memory=True`, the target is `PUBLISHED_ANSWER_TEMPLATE` (the labels
+also cover the final line break, as published), and the compressor input is the published one
+(`published_history_ids`). Clips without an audio track get the filterbank of silence and keep their
+`<audio>` block (`audio_missing="silence"`, as published); `audio_missing="drop"` leaves the block out.
+
 This file is Hub remote code: it imports only public transformers API and sibling modules.
 """
 
@@ -1342,6 +1351,7 @@ class MultimoodDataCollator:
 MultimoodProcessor.register_for_auto_class()
 
 __all__ = [
+    "AUDIO_MISSING_CHOICES",
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "ESCONV_EMOTIONS",
@@ -1353,6 +1363,10 @@ __all__ = [
     "MultimoodDataCollator",
     "MultimoodProcessor",
     "MultimoodRecordError",
+    "PROMPT_STYLES",
+    "PUBLISHED_ANSWER_TEMPLATE",
+    "PUBLISHED_PROMPTS",
+    "check_prompt_style",
     "format_answer",
     "format_target",
     "parse_output",
