@@ -528,7 +528,7 @@ def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder
     direct = processor(records=records[:2], video_folder=video_folder, padding_side="left", prompt_style=style)
     assert torch.equal(sent, direct["input_ids"])
     assert "You are an expert in emotional psychology" in processor.decode(sent[0])
-    answers = pipe(records[:2], video_folder=video_folder, prompt_style=style, max_new_tokens=MAX_NEW)
+    answers = pipe(records[:2], video_folder=video_folder, prompt_style=style, max_new_tokens=48)
     for answer in answers:
         lines = answer["generated_text"].split("\n")
         assert lines[0] == f"Client's emotion: {answer['client_emotion']} "
@@ -539,7 +539,7 @@ def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     output = tmp_path / "preds.jsonl"
     assert predict_main(["--model", str(folder), "--data", str(data), "--video_folder", video_folder, "--output",
-                         str(output), "--max_new_tokens", str(MAX_NEW), "--prompt_style", style, "--quiet"]) == 0
+                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--quiet"]) == 0
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     for line, record, answer in zip(lines, records, answers):
         assert line["reference"] == processor.format_target(record, prompt_style=style)
