@@ -239,3 +239,17 @@ def test_clip_without_audio_gets_the_filterbank_of_silence(processor, shared_dat
     assert "input_features" not in batch and processor.audio_token_id not in batch["input_ids"][0].tolist()
     with pytest.raises(ValueError, match="audio_missing"):
         MultimoodProcessor(tokenizer=processor.tokenizer, audio_missing="zeros")
+
+
+def test_train_flag_sets_the_processor_prompt_style(shared_data, tmp_path):
+    from multimood import train as mm_train
+
+    tokenizer = str(shared_data / "tokenizer" / "qwen2")
+    flags = ["--tokenizer_path", tokenizer, "--output_dir", str(tmp_path), "--report_to", "none"]
+    model_args, data_args, training_args = mm_train.parse_args(flags + ["--prompt_style", "published-train"])
+    processor = mm_train.build_processor(model_args, data_args, training_args, {})
+    assert processor.prompt_style == "published-train"
+    model_args, data_args, training_args = mm_train.parse_args(flags)
+    assert mm_train.build_processor(model_args, data_args, training_args, {}).prompt_style == "multimood"
+    with pytest.raises(SystemExit):
+        mm_train.parse_args(flags + ["--prompt_style", "paper"])
