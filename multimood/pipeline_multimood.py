@@ -208,9 +208,10 @@ class AnswerConstraint:
         return sum(max(len(s) for s in seqs) for seqs in self.segments)
 
     @classmethod
-    def from_processor(cls, processor) -> "AnswerConstraint":
-        """The constraint of a MultiMood processor's answer format and label sets."""
-        segments = answer_segments(processor)
+    def from_processor(cls, processor, prompt_style: str | None = None) -> "AnswerConstraint":
+        """The constraint of a MultiMood processor's answer format (of `prompt_style`, default the
+        processor's) and label sets."""
+        segments = answer_segments(processor, prompt_style)
         tokenizer = processor.tokenizer
         encoded = [
             [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts] for texts in segments
@@ -227,11 +228,12 @@ class AnswerConstraint:
         return constraint
 
 
-def answer_segments(processor) -> list[list[str]]:
+def answer_segments(processor, prompt_style: str | None = None) -> list[list[str]]:
     """The text segments of the constrained answer start, read from `processor.format_target`.
 
     With the default format: `["Client emotion: {e}\\n" for e in emotions]`, `["Therapist emotion:
-    {e}\\n" ...]`, `["Strategy: {s}\\n" for s in strategies]`, `["Response:"]`.
+    {e}\\n" ...]`, `["Strategy: {s}\\n" for s in strategies]`, `["Response:"]`; with a published
+    prompt style `["Client's emotion: {e} \\n" ...]`, ..., `["Therapist's response:"]`.
     """
     sentinels = [f"QQMULTIMOODFIELD{i}QQ" for i in range(4)]
     fake = {
@@ -240,7 +242,7 @@ def answer_segments(processor) -> list[list[str]]:
         "Strategy": sentinels[2],
         "Utterance": [sentinels[3]],
     }
-    text = processor.format_target(fake)
+    text = processor.format_target(fake, **({} if prompt_style is None else {"prompt_style": prompt_style}))
     pieces, position = [], 0
     for sentinel in sentinels:
         found = text.find(sentinel, position)
@@ -248,11 +250,11 @@ def answer_segments(processor) -> list[list[str]]:
             raise ValueError(f"cannot read the answer format from the processor: {text!r}")
         pieces.append(text[position:found])
         position = found + len(sentinel)
-    # Line breaks before a line prefix end the previous line's segment, so a label is never a prefix
-    # of another label's segment.
+    # Spaces and line breaks before a line prefix end the previous line's segment, so a label is never
+    # a prefix of another label's segment.
     suffixes = ["", "", ""]
     for i in (1, 2, 3):
-        stripped = pieces[i].lstrip("\r\n")
+        stripped = pieces[i].lstrip(" \r\n")
         suffixes[i - 1] = pieces[i][: len(pieces[i]) - len(stripped)]
         pieces[i] = stripped
     labels = [processor.emotion_labels, processor.emotion_labels, processor.strategy_labels]
@@ -388,6 +390,9 @@ class EmotionalSupportPipeline(Pipeline):
         constrained (`bool`, defaults to `True`): force the label lines to the label sets.
         batch_size (`int`, defaults to 1): records per `generate` call (left padding).
         processor_kwargs (`dict`): extra processor arguments (`k_turn_history`, `max_length`...).
+        prompt_style (`str`, *optional*): the processor's `prompt_style` for these calls (`"multimood"`,
+            `"published-train"`, `"published-eval"`): the prompt and the constrained answer format
+            follow it; default: the processor's own.
         skip_special_tokens (`bool`, defaults to `True`): how the answer is decoded.
         return_label_scores (`bool`, defaults to `False`): add `label_scores`, each label line's
             probabilities over its label set under constrained decoding, given the answer's earlier lines.
@@ -415,8 +420,7 @@ class EmotionalSupportPipeline(Pipeline):
             raise ValueError("EmotionalSupportPipeline needs the MultiMood processor (`processor=`)")
         if self.tokenizer is None:
             self.tokenizer = self.processor.tokenizer
-        self._constraint: AnswerConstraint | None = None
-        self._constraint_key: tuple | None = None
+        self._constraints: dict[tuple, AnswerConstraint] = {}
 
     # ------------------------------------------------------------------ parameters
 
@@ -427,11 +431,14 @@ class EmotionalSupportPipeline(Pipeline):
         processor_kwargs=None,
         skip_special_tokens=None,
         return_label_scores=None,
+        prompt_style=None,
         **generate_kwargs,
     ):
         preprocess_params: dict[str, Any] = {}
         forward_params: dict[str, Any] = dict(generate_kwargs)
         postprocess_params: dict[str, Any] = {}
+        if prompt_style is not None:
+            preprocess_params["prompt_style"] = forward_params["prompt_style"] = str(prompt_style)
         if return_label_scores is not None:
             forward_params["return_label_scores"] = bool(return_label_scores)
         if video_folder is not None:
@@ -448,11 +455,15 @@ class EmotionalSupportPipeline(Pipeline):
     @property
     def answer_constraint(self) -> AnswerConstraint:
         """The constraint of this pipeline's processor (built on first use, rebuilt if the label sets change)."""
-        key = (tuple(self.processor.emotion_labels), tuple(self.processor.strategy_labels))
-        if self._constraint is None or self._constraint_key != key:
-            self._constraint = AnswerConstraint.from_processor(self.processor)
-            self._constraint_key = key
-        return self._constraint
+        return self.constraint_for()
+
+    def constraint_for(self, prompt_style: str | None = None) -> AnswerConstraint:
+        """The constraint of the answer format of `prompt_style` (default: the processor's prompt style)."""
+        style = prompt_style or getattr(self.processor, "prompt_style", None)
+        key = (tuple(self.processor.emotion_labels), tuple(self.processor.strategy_labels), style)
+        if key not in self._constraints:
+            self._constraints[key] = AnswerConstraint.from_processor(self.processor, prompt_style)
+        return self._constraints[key]
 
     @property
     def label_sets(self) -> dict[str, list[str]]:
@@ -504,10 +515,14 @@ class EmotionalSupportPipeline(Pipeline):
 
     # ------------------------------------------------------------------ steps
 
-    def preprocess(self, inputs, video_folder: str | None = None, processor_kwargs: dict | None = None):
+    def preprocess(
+        self, inputs, video_folder: str | None = None, processor_kwargs: dict | None = None, prompt_style: str | None = None
+    ):
         """A batch of inputs (a list, or one input) -> the processor's left-padded model inputs."""
         items = inputs if isinstance(inputs, list) else [inputs]
         records = [to_record(item) for item in items]
+        if prompt_style is not None:
+            processor_kwargs = {**(processor_kwargs or {}), "prompt_style": prompt_style}
         batch = self.processor(
             records=records,
             video_folder=video_folder,
@@ -518,7 +533,14 @@ class EmotionalSupportPipeline(Pipeline):
         )
         return {"model_inputs": dict(batch.items()), "num_inputs": len(records)}
 
-    def _forward(self, model_inputs, constrained: bool = True, return_label_scores: bool = False, **generate_kwargs):
+    def _forward(
+        self,
+        model_inputs,
+        constrained: bool = True,
+        return_label_scores: bool = False,
+        prompt_style: str | None = None,
+        **generate_kwargs,
+    ):
         inputs = model_inputs["model_inputs"]
         prompt_length = inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
@@ -528,7 +550,7 @@ class EmotionalSupportPipeline(Pipeline):
             generate_kwargs.setdefault("tokenizer", self.processor.tokenizer)
         if constrained:
             processors = LogitsProcessorList(generate_kwargs.get("logits_processor") or [])
-            processors.append(AnswerFormatLogitsProcessor(self.answer_constraint, prompt_length))
+            processors.append(AnswerFormatLogitsProcessor(self.constraint_for(prompt_style), prompt_length))
             generate_kwargs["logits_processor"] = processors
         output = self.model.generate(**inputs, **generate_kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -544,7 +566,7 @@ class EmotionalSupportPipeline(Pipeline):
             "eos_token_ids": eos,
         }
         if return_label_scores:
-            outputs["label_scores"] = self._label_scores(inputs, outputs["generated"])
+            outputs["label_scores"] = self._label_scores(inputs, outputs["generated"], prompt_style)
         return outputs
 
     def _row_inputs(self, inputs: dict, row: int) -> dict:
@@ -574,13 +596,15 @@ class EmotionalSupportPipeline(Pipeline):
         return out
 
     @torch.no_grad()
-    def _label_scores(self, inputs: dict, generated: torch.Tensor) -> list[dict[str, dict[str, float]]]:
+    def _label_scores(
+        self, inputs: dict, generated: torch.Tensor, prompt_style: str | None = None
+    ) -> list[dict[str, dict[str, float]]]:
         """Per generated row: each label line's probabilities over its label set, given the row's earlier lines.
 
         The prompt and the answer up to the end of the last label line are read once (with the cache);
         each label line's candidates are then read together from the cache cut back to that line's start.
         """
-        constraint = self.answer_constraint
+        constraint = self.constraint_for(prompt_style)
         label_sets = self.label_sets
         per_input = generated.shape[0] // inputs["input_ids"].shape[0]
         scores = []

@@ -2,13 +2,15 @@
 
     multimood predict --model DIR --data records.jsonl --video_folder clips/ --output preds.jsonl \\
         [--batch_size 8] [--max_new_tokens 256] [--no-constrained] [--limit N] [--max_length 4096] \\
-        [--skip_errors] [--device cuda:0] [--dtype bfloat16]
+        [--skip_errors] [--device cuda:0] [--dtype bfloat16] [--prompt_style published-eval]
 
 Each output line holds `index` (the record's position in the input), `Dialogue_ID` (when the record
 has one), `prediction` (the generated four-line answer), `reference` (the gold answer from the
-processor's `format_target`, when the record has its targets), the parsed `client_emotion`,
-`therapist_emotion`, `strategy`, `response`, and `unknown_labels` when a label is missing or outside
-the label sets. The file is what `multimood evaluate` reads. Lines are written as batches finish.
+processor's `format_target` in the answer format of the prompt style, when the record has its targets),
+the parsed `client_emotion`, `therapist_emotion`, `strategy`, `response`, and `unknown_labels` when a
+label is missing or outside the label sets. The file is what `multimood evaluate` reads. Lines are
+written as batches finish. The prompt style is the saved processor's `prompt_style` unless
+`--prompt_style` overrides it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from .dataset_builder import iter_records
 from .pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
+from .processing_multimood import PROMPT_STYLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt token budget (default: the saved processor's model_max_length); the oldest "
                              "history is cut first, a record that does not fit without history is an error")
+    parser.add_argument("--prompt_style", default=None, choices=PROMPT_STYLES,
+                        help="prompt layout (default: the saved processor's prompt_style; a converted published "
+                             "checkpoint saves published-eval)")
     parser.add_argument("--device", default=None,
                         help="as in transformers: -1 / cpu / 0 / cuda:1 (default: GPU 0 if any)")
     parser.add_argument("--device_map", default=None, help="as in transformers, e.g. auto")
@@ -75,12 +81,13 @@ def load_pipeline(model: str, device=None, device_map=None, dtype="auto") -> Emo
     return pipeline(TASK, model=model, trust_remote_code=True, pipeline_class=EmotionalSupportPipeline, **kwargs)
 
 
-def reference_of(processor, record: dict, index: int) -> str | None:
-    """The gold four-line answer of a record, or None when it lacks targets."""
+def reference_of(processor, record: dict, index: int, prompt_style: str | None = None) -> str | None:
+    """The gold four-line answer of a record (in the answer format of `prompt_style`, default the
+    processor's), or None when it lacks targets."""
     if not all(record.get(k) for k in ("get_emotion_user_most_recent", "Emotion", "Strategy", "Utterance")):
         return None
     try:
-        return processor.format_target(record, index=index)
+        return processor.format_target(record, index=index, **({"prompt_style": prompt_style} if prompt_style else {}))
     except ValueError:
         return None
 
@@ -121,6 +128,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     call_kwargs = {"video_folder": args.video_folder, "constrained": args.constrained, **generate_kwargs}
     if args.max_length is not None:
         call_kwargs["processor_kwargs"] = {"max_length": args.max_length}
+    if args.prompt_style is not None:
+        call_kwargs["prompt_style"] = args.prompt_style
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,7 @@ def predict_main(argv: list[str] | None = None) -> int:
                                 ) from single_error
                             errors.append(message)
             for index, record, answer in pairs:
-                line = output_line(index, record, answer, reference_of(pipe.processor, record, index))
+                line = output_line(index, record, answer, reference_of(pipe.processor, record, index, args.prompt_style))
                 unknown += bool(line.get("unknown_labels"))
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1

@@ -43,6 +43,15 @@ dropped first, then the oldest compressor utterances (each frees one `<history>`
 the client's utterance and the media blocks are never cut; a sample that still does not fit raises a
 `MultimoodRecordError` naming the record.
 
+Prompt styles (`prompt_style`, a processor setting, overridable per call): the layout above is
+`"multimood"`. `"published-train"` and `"published-eval"` reproduce, token for token, the inputs of the
+published MultiMood code's training and inference (`PUBLISHED_PROMPTS`; MESC label lists as published,
+whatever the processor's label set): their `<video>` slot holds our `<video>` then `<audio>` block, their
+`<history>` stays plain text unless `use_memory=True`, the target is `PUBLISHED_ANSWER_TEMPLATE` (the labels
+also cover the final line break, as published), and the compressor input is the published one
+(`published_history_ids`). Clips without an audio track get the filterbank of silence and keep their
+`<audio>` block (`audio_missing="silence"`, as published); `audio_missing="drop"` leaves the block out.
+
 This file is Hub remote code: it imports only public transformers API and sibling modules.
 """
 
@@ -141,6 +150,139 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# ----------------------------------------------------------------------------------------------
+# Prompt styles. "multimood" is this package's prompt (module doc). The two published styles
+# reproduce, token for token, the inputs of the published MultiMood code (written here from the
+# prompts it produces): "published-train" is its SFT prompt (framework/train.py of feature/train_sft),
+# "published-eval" its inference prompt (evaluation_smes of feature/inference_eval). Their texts,
+# quirks included ("response,determine", "categories.Step 3:"), are data, not to be corrected.
+# ----------------------------------------------------------------------------------------------
+
+PROMPT_STYLES = ("multimood", "published-train", "published-eval")
+AUDIO_MISSING_CHOICES = ("silence", "drop")
+
+# Training drops its own system message, so the model trained under Qwen2's default system line.
+PUBLISHED_TRAIN_SYSTEM_PROMPT = "You are a helpful assistant."
+PUBLISHED_EVAL_SYSTEM_PROMPT = (
+    "You are an expert in emotional psychology. Your task is to analyze the client's emotional state, predict "
+    "the therapist's emotional response,determine the therapist's strategy, and generate an appropriate response "
+    "based on the given inputs and historical context."
+)
+_PUBLISHED_OUTPUT_FORMAT = (
+    "[OUTPUT FORMAT] \n"
+    "Client's emotion: \n"
+    "Therapist's emotion: \n"
+    "Therapist's strategy: \n"
+    "Therapist's response: \n"
+)
+# User turns: `{problem_type}`, `{situation}`, `{utterance}` are filled in; `<video>` is where the
+# published model puts the video then the audio features (our `<video><audio>` block); `<history>`
+# is plain text in the published code (its compressor output never reaches the prompt).
+PUBLISHED_TRAIN_USER_TEMPLATE = (
+    "[CONTEXT] \n"
+    "Problem: {problem_type} \n"
+    "Situation: {situation} \n"
+    "History chat informations above \n"
+    "[CURRENT CONTEXT] \n"
+    "Client's video: <video> \n"
+    "Chat history: <history> \n"
+    "Client utterance: {utterance} \n"
+    "The [CONTEXT] is history of current conversation between 'Client' and 'Therapist'. And [CURRENT CONTEXT] is "
+    "the current 'Client' turn in the conversation \n"
+    "Now you are the 'Therapist' and you need to understand the context to predict the Client’s emotion, "
+    "Therapist’s emotion, then Therapist’s strategy. After that you need to make an empathy response to the "
+    "'Client' based on the context. Let's think about it step by step: \n"
+    "Step 1: Describe and understanding the context and content of the conversation \n"
+    "Step 2: Predict the following and explain why for each components, notice that Therapist's strategy have "
+    "guideline: \n"
+    "Client's emotion: Choose only one from (anger, sadness, disgust, depression, neutral, joy, fear). \n"
+    "Therapist's emotion: Choose only one from (anger, sadness, disgust, depression, neutral, joy, fear). \n"
+    "Therapist's strategy: Choose only one from (open question, approval, self-disclosure, restatement, "
+    "interpretation, advisement, communication skills, structuring the therapy, guiding the pace and depth of the "
+    "conversation, others). \n"
+    "Guide for Therapist's strategy: Communication Skills: Involve small talk and daily communication with clients, "
+    "along with using simple phrases and body language during listening, thereby establishing a positive "
+    "communication atmosphere.; Advisement: Offering guidance, advice, or possible solutions to clients, helping "
+    "them address psychological issues and emotional distress they encounter.; Structuring the therapy: The "
+    "therapist sets a clear framework and structure for the therapy process. This includes defining the goals of "
+    "therapy, its duration, the main activities during therapy, and rules, etc.; Guiding the Pace and Depth of the "
+    "Conversation: Therapists regulate the pace and depth of conversations during sessions through various "
+    "techniques and methods, such as shifting the topic when the client is emotionally unstable or guiding the "
+    "conversation back to key themes when necessary.; Others: Employ support strategies not encompassed by the "
+    "previously mentioned categories."
+    "Step 3: You are the 'Therapist', leverage Therapist's emotion and Therapist's strategy, think about how to "
+    "reply to 'Client' in empathy. Follow this guideline: Understand the Client's emotion, follow Client's point of "
+    "view and intention, express sympathy for Client's negative situation or approval of Client's positive "
+    "situation. The response should not imply negative emotions or triggers toward anyone or anything, such as "
+    "disgust, resentment, discrimination, hatred, etc while supporting user well-being. Keep the information in "
+    "the response truthful, avoid misinformation. The response should open and honest, foster understanding, "
+    "connection, and provide comfort or support. The response should safeguard human autonomy, identity and data "
+    "dignity. Ensuring AI behaviors guide emotional health responsibly, avoiding manipulation or harm. \n"
+    "Step 4: You need to consider the potential impact of your reply, the response should repeat a few words from "
+    "Client utterance, you can express a different position or opinion, but you should not hurt Client's feelings "
+    "\n"
+    "You must follow the output format in [OUTPUT FORMAT] below, just print what is listed in [OUTPUT FORMAT], do "
+    "not print anything more even your step thought. \n" + _PUBLISHED_OUTPUT_FORMAT
+)
+PUBLISHED_EVAL_USER_TEMPLATE = (
+    "Problem: {problem_type} \n"
+    "[CONTEXT] \n"
+    "Situation: {situation} \n"
+    "History: Chat above \n"
+    "[CURRENT CONTEXT] \n"
+    "Client's video: <video> \n"
+    "History: <history> \n"
+    "Client utterance: {utterance} \n"
+    "[CONTEXT] is the past conversation between Client and Therapist. [CURRENT CONTEXT] is the Client's current "
+    "turn. As the Therapist, analyze the context to predict the Client’s emotion, your emotion, and your strategy, "
+    "then respond with empathy. Follow these steps: \n"
+    "Step 1: Understand the conversation context and content. \n"
+    "Step 2: Predict and explain: \n"
+    "Client's emotion: Pick one (anger, sadness, disgust, depression, neutral, joy, fear). \n"
+    "Therapist's emotion: Pick one (anger, sadness, disgust, depression, neutral, joy, fear). \n"
+    "Therapist's strategy: Pick one (open question, approval, self-disclosure, restatement, interpretation, "
+    "communication skills, advisement, structuring the therapy, guiding the pace and depth of the conversation, "
+    "others).\n"
+    "Guideline for Therapist's Strategy: \n"
+    "- Open questions: Encourage detailed responses for self-reflection. \n"
+    "- Approval: Affirm client’s worth or actions. \n"
+    "- Self-disclosure: Share feelings or experiences to build rapport. \n"
+    "- Restatement: Rephrase client’s words to show understanding. \n"
+    "- Interpretation: Uncover deeper meanings in client’s behavior or feelings. \n"
+    "- Communication skills: Use small talk, simple phrases, and body language for a positive atmosphere. \n"
+    "- Advisement: Offer guidance or solutions for emotional distress. \n"
+    "- Structuring the therapy: Set clear therapy goals, duration, and rules. \n"
+    "- Guiding the pace and depth: Adjust conversation flow and focus. \n"
+    "- Others: Use unlisted support strategies. \n"
+    "Step 3: As Therapist, use your emotion and strategy to craft an empathetic response. Understand the Client’s "
+    "emotion, align with their perspective, express sympathy for negatives or approval for positives. Avoid "
+    "negativity (e.g., disgust, hatred) and support well-being with honest, comforting responses that respect "
+    "autonomy and emotional health. \n"
+    "Step 4: Ensure the response reflects Client’s words, allows differing views without harm, and considers its "
+    "impact. \n"
+    "The final response must follow this OUTPUT FORMAT, do not return anything more. \n" + _PUBLISHED_OUTPUT_FORMAT
+)
+PUBLISHED_PROMPTS = {
+    "published-train": (PUBLISHED_TRAIN_SYSTEM_PROMPT, PUBLISHED_TRAIN_USER_TEMPLATE),
+    "published-eval": (PUBLISHED_EVAL_SYSTEM_PROMPT, PUBLISHED_EVAL_USER_TEMPLATE),
+}
+# The published answer (both published styles): one field per line, each line but the last ending in " ".
+PUBLISHED_ANSWER_TEMPLATE = (
+    "Client's emotion: {client_emotion} \n"
+    "Therapist's emotion: {therapist_emotion} \n"
+    "Therapist's strategy: {strategy} \n"
+    "Therapist's response: {response}"
+)
+# The published compressor input: "{Speaker}{text} <MEM> " per history message, in one string.
+PUBLISHED_MEMORY_ITEM = "{speaker}{text} " + MEM_TOKEN + " "
+
+
+def check_prompt_style(prompt_style: str) -> str:
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {list(PROMPT_STYLES)}, got {prompt_style!r}")
+    return prompt_style
+
+
 # Answer lines: (output key, canonical prefix, accepted prefixes, lower case without the colon).
 _ANSWER_FIELDS = (
     ("client_emotion", "Client emotion", ("client emotion", "client's emotion", "client’s emotion")),
@@ -206,10 +348,15 @@ def _canonical(value: str | None, labels: Sequence[str] | None) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def format_answer(client_emotion: str, therapist_emotion: str, strategy: str, response: str) -> str:
-    """The four-line answer the model is trained to generate."""
-    values = (client_emotion, therapist_emotion, strategy, response)
-    return "\n".join(f"{prefix}: {' '.join(str(v).split())}" for (_, prefix, _), v in zip(_ANSWER_FIELDS, values))
+def format_answer(
+    client_emotion: str, therapist_emotion: str, strategy: str, response: str, prompt_style: str = "multimood"
+) -> str:
+    """The four-line answer the model is trained to generate (`Client emotion: ...`, or with a published
+    prompt style the published `Client's emotion: x \\nTherapist's emotion: ...` lines)."""
+    values = [" ".join(str(v).split()) for v in (client_emotion, therapist_emotion, strategy, response)]
+    if check_prompt_style(prompt_style) != "multimood":
+        return PUBLISHED_ANSWER_TEMPLATE.format(**{key: v for (key, _, _), v in zip(_ANSWER_FIELDS, values)})
+    return "\n".join(f"{prefix}: {v}" for (_, prefix, _), v in zip(_ANSWER_FIELDS, values))
 
 
 def parse_output(
@@ -286,8 +433,10 @@ def format_target(
     emotion_labels: Sequence[str] | None = None,
     strategy_labels: Sequence[str] | None = None,
     index: int | None = None,
+    prompt_style: str = "multimood",
 ) -> str:
-    """The four-line target of a record (labels in the label set's spelling when lists are given)."""
+    """The four-line target of a record (labels in the label set's spelling when lists are given), in the
+    answer format of `prompt_style`."""
     if not isinstance(record, dict):
         raise MultimoodRecordError(record_name(record, index), None, f"is {type(record).__name__}, expected a dict")
     client_emotion = _canonical(_label_value(record, index, "get_emotion_user_most_recent"), emotion_labels)
@@ -296,7 +445,7 @@ def format_target(
     response = _join(record.get("Utterance"), record, index, "Utterance")
     if not response:
         raise MultimoodRecordError(record_name(record, index), "Utterance", "is empty (needed for the target)")
-    return format_answer(client_emotion, therapist_emotion, strategy, _neutralise(response))
+    return format_answer(client_emotion, therapist_emotion, strategy, _neutralise(response), prompt_style)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +580,22 @@ class MultimoodProcessor(ProcessorMixin):
         max_length_includes_media (`bool`, defaults to `False`): count `<video>`/`<audio>` copies too.
         history_max_tokens (`int`, defaults to 512): compressor input length limit.
         max_memory_slots (`int`, *optional*): at most this many `<MEM>` (most recent utterances).
-        system_prompt (`str`, *optional*): the system message.
+        system_prompt (`str`, *optional*): the system message (of the `"multimood"` prompt style).
+        prompt_style (`str`, defaults to `"multimood"`): the prompt and answer layout. `"multimood"`: this
+            package's prompt (module doc). `"published-train"` / `"published-eval"`: the published
+            MultiMood code's training / inference prompt, token for token (see [`PROMPT_STYLES`]); under
+            both the chat history goes in as published (training: the last `2 * k_turn_history` merged
+            messages as chat turns, a leading therapist message dropped; inference: none), the answer is
+            the published `Client's emotion: x \\n...` format and the compressor input is published
+            (`"{Speaker}{text} <MEM> "` per message, the FIRST `history_max_tokens` tokens kept).
+            Overridable per call (`processor(records=..., prompt_style=...)`).
+        use_memory (`bool`, *optional*): whether the prompt gets `<history>` memory slots (and the batch
+            `history_input_ids` for the compressor). Defaults to `True` for `"multimood"` and `False` for
+            the published styles, whose model never saw memory tokens (its `<history>` stays plain text);
+            `True` there turns that `<history>` into the memory slots.
+        audio_missing (`str`, defaults to `"silence"`): what a sample whose clips have no audio track gets:
+            `"silence"` keeps its `<audio>` block with the filterbank of silence (what the published code
+            feeds: 480000 zero samples), `"drop"` leaves the `<audio>` block and its features out.
     """
 
     def __init__(
@@ -449,6 +613,9 @@ class MultimoodProcessor(ProcessorMixin):
         history_max_tokens: int = 512,
         max_memory_slots: int | None = None,
         system_prompt: str | None = None,
+        prompt_style: str = "multimood",
+        use_memory: bool | None = None,
+        audio_missing: str = "silence",
         **kwargs,
     ):
         if label_set not in LABEL_SETS:
@@ -466,6 +633,11 @@ class MultimoodProcessor(ProcessorMixin):
         self.history_max_tokens = int(history_max_tokens)
         self.max_memory_slots = None if max_memory_slots is None else int(max_memory_slots)
         self.system_prompt = system_prompt if system_prompt is not None else DEFAULT_SYSTEM_PROMPT
+        self.prompt_style = check_prompt_style(prompt_style)
+        self.use_memory = None if use_memory is None else bool(use_memory)
+        if audio_missing not in AUDIO_MISSING_CHOICES:
+            raise ValueError(f"audio_missing must be one of {list(AUDIO_MISSING_CHOICES)}, got {audio_missing!r}")
+        self.audio_missing = audio_missing
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
         super().__init__(
@@ -583,9 +755,17 @@ class MultimoodProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ prompt building
 
-    def format_target(self, record: dict, index: int | None = None) -> str:
-        """The four-line target of `record` (labels in this processor's spelling)."""
-        return format_target(record, self.emotion_labels, self.strategy_labels, index=index)
+    def format_target(self, record: dict, index: int | None = None, prompt_style: str | None = None) -> str:
+        """The four-line target of `record` (labels in this processor's spelling) in the answer format of
+        `prompt_style` (default: the processor's)."""
+        style = self.prompt_style if prompt_style is None else prompt_style
+        return format_target(record, self.emotion_labels, self.strategy_labels, index=index, prompt_style=style)
+
+    def memory_enabled(self, prompt_style: str | None = None) -> bool:
+        """Whether prompts of `prompt_style` get `<history>` memory slots (see `use_memory`)."""
+        if self.use_memory is not None:
+            return self.use_memory
+        return (self.prompt_style if prompt_style is None else prompt_style) == "multimood"
 
     def parse_output(self, text: str) -> dict[str, str | None]:
         """`parse_output` with this processor's label sets."""
@@ -649,14 +829,18 @@ class MultimoodProcessor(ProcessorMixin):
         include_audio: bool | None = None,
         include_history: bool | None = None,
         index: int | None = None,
+        prompt_style: str | None = None,
     ) -> list[dict]:
         """The chat messages of a record: system, history turns, the user turn, the target (optional).
 
         `include_video` / `include_audio` / `include_history` default to: the record has clips / has
-        clips / has history for the compressor. The user turn's content is a list of parts
-        (`text`, `video`, `audio`, `history`) that the chat template renders.
+        clips / has memory slots (history for the compressor and `memory_enabled`). The user turn's
+        content is a list of parts (`text`, `video`, `audio`, `history`) that the chat template renders.
+        `prompt_style` defaults to the processor's.
         """
+        style = check_prompt_style(self.prompt_style if prompt_style is None else prompt_style)
         sample = self._check_record(record, index, with_target)
+        self._apply_style(sample, style, with_target)
         if include_video is None:
             include_video = bool(sample.clips)
         if include_audio is None:
@@ -664,10 +848,34 @@ class MultimoodProcessor(ProcessorMixin):
         if include_history is None:
             include_history = bool(sample.history_utterances)
         k = self.k_turn_history if k_turn_history is None else int(k_turn_history)
-        exchanges = sample.exchanges[len(sample.exchanges) - k :] if k > 0 else []
-        return self._messages(sample, exchanges, include_video, include_audio, include_history, with_target)
+        units = self._history_units(sample, k, style)
+        return self._messages(sample, units, include_video, include_audio, include_history, with_target, style)
 
-    def _messages(self, sample: _Sample, exchanges, include_video, include_audio, include_history, with_target):
+    def _apply_style(self, sample: _Sample, style: str, with_target: bool) -> None:
+        """Target and compressor input of `sample` for `style` (`_check_record` made them for the processor's)."""
+        if style != self.prompt_style:
+            if with_target:
+                sample.target = self.format_target(sample.record, sample.index, prompt_style=style)
+            sample.history_utterances = self.history_utterance_ids(sample.record, sample.index, prompt_style=style)
+        if not self.memory_enabled(style):
+            sample.history_utterances = []
+
+    @staticmethod
+    def _history_units(sample: _Sample, k: int, style: str) -> list[list[tuple[str, str]]]:
+        """The chat history kept in the prompt, as the units truncation drops oldest first: the last `k`
+        exchanges (multimood), the last `2k` merged messages one by one (published-train, as published),
+        nothing (published-eval, whose prompt has no chat history)."""
+        if k <= 0 or style == "published-eval":
+            return []
+        if style == "multimood":
+            return sample.exchanges[len(sample.exchanges) - k :]
+        turns = [turn for exchange in sample.exchanges for turn in exchange]
+        return [[turn] for turn in turns[max(len(turns) - 2 * k, 0) :]]
+
+    def _messages(self, sample: _Sample, units, include_video, include_audio, include_history, with_target, style):
+        if style != "multimood":
+            return self._published_messages(sample, units, include_video, include_audio, include_history, with_target, style)
+        exchanges = units
         record = sample.record
         messages: list[dict] = [{"role": "system", "content": self.system_prompt}]
         for exchange in exchanges:
@@ -705,6 +913,39 @@ class MultimoodProcessor(ProcessorMixin):
             messages.append({"role": "assistant", "content": sample.target})
         return messages
 
+    def _published_messages(self, sample, units, include_video, include_audio, include_history, with_target, style):
+        """The messages of a published prompt style (see `PUBLISHED_PROMPTS`)."""
+        record = sample.record
+        system, template = PUBLISHED_PROMPTS[style]
+        turns = [turn for unit in units for turn in unit]
+        if turns and turns[0][0] == "therapist":  # published training drops a leading assistant message
+            turns = turns[1:]
+        messages: list[dict] = [{"role": "system", "content": system}]
+        messages += [
+            {"role": "user" if speaker == "client" else "assistant", "content": _neutralise(text)}
+            for speaker, text in turns
+        ]
+        fields = {
+            "problem_type": _neutralise(" ".join((record.get("problem_type") or "").split())),
+            "situation": _neutralise(" ".join((record.get("situation") or "").split())),
+            "utterance": _neutralise(_join(record.get("utt_user_most_recent"), record, sample.index, "utt_user_most_recent")),
+        }
+        before_media, after_media = (piece.format(**fields) for piece in template.split(VIDEO_TOKEN))
+        parts: list[dict] = [{"type": "text", "text": before_media}]
+        if include_video:
+            parts.append({"type": "video"})
+        if include_audio:
+            parts.append({"type": "audio"})
+        if include_history:  # the published `<history>` text becomes the memory slots
+            before_history, after_history = after_media.split(HISTORY_TOKEN)
+            parts += [{"type": "text", "text": before_history}, {"type": "history"}, {"type": "text", "text": after_history}]
+        else:
+            parts.append({"type": "text", "text": after_media})
+        messages.append({"role": "user", "content": parts})
+        if with_target:
+            messages.append({"role": "assistant", "content": sample.target})
+        return messages
+
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """Render messages with this processor's chat template (or `chat_template`); text by default."""
         kwargs.setdefault("tokenize", False)
@@ -719,7 +960,8 @@ class MultimoodProcessor(ProcessorMixin):
         return template or DEFAULT_CHAT_TEMPLATE
 
     def render_prompt(self, record: dict, with_target: bool = False, **kwargs) -> str:
-        """The rendered prompt text of a record, placeholders not yet expanded.
+        """The rendered prompt text of a record, placeholders not yet expanded (`kwargs`: those of
+        `build_messages`, e.g. `prompt_style`).
 
         Without target it ends with the generation prompt; with target it is the whole conversation.
         """
@@ -728,15 +970,21 @@ class MultimoodProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ history compressor input
 
-    def history_utterance_ids(self, record: dict, index: int | None = None) -> list[list[int]]:
+    def history_utterance_ids(
+        self, record: dict, index: int | None = None, prompt_style: str | None = None
+    ) -> list[list[int]]:
         """The compressor input of a record as per-utterance token ids, each ending with `<MEM>`.
 
-        From `history_chat_mamba` when it is a non-empty string (split at its `<MEM>` tokens when it
-        has any, else at line breaks), else from every message of `history_chat` as
-        `Client: ...` / `Therapist: ...`. Keeps the most recent whole utterances that fit in
-        `history_max_tokens` (the most recent one is cut from the left if it alone is too long) and
-        at most `max_memory_slots` of them.
+        `"multimood"` prompt style: from `history_chat_mamba` when it is a non-empty string (split at
+        its `<MEM>` tokens when it has any, else at line breaks), else from every message of
+        `history_chat` as `Client: ...` / `Therapist: ...`. Keeps the most recent whole utterances that
+        fit in `history_max_tokens` (the most recent one is cut from the left if it alone is too long)
+        and at most `max_memory_slots` of them.
+
+        Published prompt styles: the published input, see `published_history_ids`.
         """
+        if check_prompt_style(self.prompt_style if prompt_style is None else prompt_style) != "multimood":
+            return self.published_history_ids(record, index)
         mamba = record.get("history_chat_mamba")
         if isinstance(mamba, str) and mamba.strip():
             if MEM_TOKEN in mamba:
@@ -768,9 +1016,38 @@ class MultimoodProcessor(ProcessorMixin):
         kept.reverse()
         return kept
 
-    def history_input_ids(self, record: dict, index: int | None = None) -> list[int]:
+    def published_history_ids(self, record: dict, index: int | None = None) -> list[list[int]]:
+        """The published compressor input, split after each `<MEM>` (trailing tokens stay with the last piece).
+
+        The text is `history_chat_mamba` as written when the record has it, else `"{Speaker}{text} <MEM> "`
+        for every (unmerged) `history_chat` message (`Clientthat there would be <MEM> Therapist...`; the
+        published format puts `(emotion) ` before the text when a message has an emotion, which records do
+        not have). Tokenized in one piece and cut on the right to the FIRST `history_max_tokens` tokens,
+        as published. Empty when there is no history or no `<MEM>` is left.
+        """
+        mamba = record.get("history_chat_mamba")
+        if isinstance(mamba, str) and mamba.strip():
+            text = MEM_TOKEN.join(_neutralise(piece) for piece in mamba.split(MEM_TOKEN))
+        else:
+            text = "".join(
+                PUBLISHED_MEMORY_ITEM.format(speaker=_SPEAKER_NAME[speaker], text=_neutralise(content))
+                for speaker, content in history_messages(record, index)
+            )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.history_max_tokens]
+        mem = self.mem_token_id
+        pieces: list[list[int]] = []
+        start = 0
+        for position, token in enumerate(ids):
+            if token == mem:
+                pieces.append(ids[start : position + 1])
+                start = position + 1
+        if pieces and start < len(ids):
+            pieces[-1] = pieces[-1] + ids[start:]
+        return pieces
+
+    def history_input_ids(self, record: dict, index: int | None = None, prompt_style: str | None = None) -> list[int]:
         """The compressor token ids of a record (empty when it has no history)."""
-        return [t for ids in self.history_utterance_ids(record, index) for t in ids]
+        return [t for ids in self.history_utterance_ids(record, index, prompt_style) for t in ids]
 
     # ------------------------------------------------------------------ media
 
@@ -809,6 +1086,8 @@ class MultimoodProcessor(ProcessorMixin):
                 videos, video_folder=video_folder, record_ids=ids, return_tensors=tensors
             )
             present = [bool(x) for x in np.asarray(audio["audio_present"]).reshape(-1).tolist()]
+            if self.audio_missing == "silence":  # the extractor gives clips without audio the filterbank of silence
+                present = [True] * len(present)
             features = audio["input_features"]
             keep = [i for i, p in enumerate(present) if p]
             for s, p in zip(with_clips, present):
@@ -835,6 +1114,7 @@ class MultimoodProcessor(ProcessorMixin):
         max_length: int | None = None,
         truncation: bool = True,
         pad_to_multiple_of: int | None = None,
+        prompt_style: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Turn records into a batch.
@@ -846,7 +1126,7 @@ class MultimoodProcessor(ProcessorMixin):
         (n_history, L; right-padded with the pad id). `frame_indices` with `return_frame_indices`.
 
         Padding is on the right with `with_target=True` (training) and on the left otherwise
-        (generation), unless `padding_side` says otherwise.
+        (generation), unless `padding_side` says otherwise. `prompt_style` overrides the processor's.
         """
         if kwargs:
             raise TypeError(f"MultimoodProcessor got unexpected arguments: {sorted(kwargs)}")
@@ -864,8 +1144,11 @@ class MultimoodProcessor(ProcessorMixin):
         if k < 0:
             raise ValueError(f"k_turn_history must be >= 0, got {k}")
         limit = self.model_max_length if max_length is None else int(max_length)
+        style = check_prompt_style(self.prompt_style if prompt_style is None else prompt_style)
 
         samples = [self._check_record(r, i, with_target) for i, r in enumerate(records)]
+        for s in samples:
+            self._apply_style(s, style, with_target)
         media = self._process_media(samples, video_folder, num_frames, size, return_frame_indices, return_tensors)
 
         n_video = n_audio = 0
@@ -878,7 +1161,9 @@ class MultimoodProcessor(ProcessorMixin):
 
         rows_ids, rows_labels, history_rows = [], [], []
         for s in samples:
-            ids, labels, hist = self._encode_sample(s, k, with_target, n_video, n_audio, limit if truncation else None)
+            ids, labels, hist = self._encode_sample(
+                s, k, with_target, n_video, n_audio, limit if truncation else None, style
+            )
             rows_ids.append(ids)
             rows_labels.append(labels)
             if hist:
@@ -896,13 +1181,15 @@ class MultimoodProcessor(ProcessorMixin):
         data.update(media)
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["frame_indices"])
 
-    def _encode_sample(self, s: _Sample, k: int, with_target: bool, n_video: int, n_audio: int, limit: int | None):
+    def _encode_sample(
+        self, s: _Sample, k: int, with_target: bool, n_video: int, n_audio: int, limit: int | None, style: str
+    ):
         """Token ids (placeholders expanded), labels and compressor ids of one sample, truncated to fit."""
-        exchanges = s.exchanges[len(s.exchanges) - k :] if k > 0 else []
+        exchanges = self._history_units(s, k, style)
         utterances = list(s.history_utterances)
         media_tokens = (n_video if s.has_video else 0) + (n_audio if s.has_audio else 0)
         while True:
-            ids, labels = self._tokenize_sample(s, exchanges, utterances, with_target, n_video, n_audio)
+            ids, labels = self._tokenize_sample(s, exchanges, utterances, with_target, n_video, n_audio, style)
             if limit is None:
                 break
             counted = len(ids) - (0 if self.max_length_includes_media else media_tokens)
@@ -926,14 +1213,16 @@ class MultimoodProcessor(ProcessorMixin):
         history = [t for u in utterances for t in u]
         return ids, labels, history
 
-    def _tokenize_sample(self, s: _Sample, exchanges, utterances, with_target, n_video, n_audio):
+    def _tokenize_sample(self, s: _Sample, exchanges, utterances, with_target, n_video, n_audio, style):
         include_history = bool(utterances)
-        messages = self._messages(s, exchanges, s.has_video, s.has_audio, include_history, False)
+        messages = self._messages(s, exchanges, s.has_video, s.has_audio, include_history, False, style)
         template = self._template()
         prompt = self.tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # a published prompt without memory slots keeps its `<history>` as plain text
+        literal_history = style != "multimood" and not include_history
+        prompt_ids = self._encode_text(prompt, literal_history)
         expected = {
             self.video_token_id: (1 if s.has_video else 0, n_video, "<video>"),
             self.audio_token_id: (1 if s.has_audio else 0, n_audio, "<audio>"),
@@ -962,7 +1251,7 @@ class MultimoodProcessor(ProcessorMixin):
         labels = [IGNORE_INDEX] * len(ids)
         if with_target:
             full = self.tokenizer.apply_chat_template(
-                self._messages(s, exchanges, s.has_video, s.has_audio, include_history, True),
+                self._messages(s, exchanges, s.has_video, s.has_audio, include_history, True, style),
                 chat_template=template,
                 tokenize=False,
                 add_generation_prompt=False,
@@ -973,12 +1262,29 @@ class MultimoodProcessor(ProcessorMixin):
                     "followed by the assistant message (the prompt is not a prefix of the full conversation)"
                 )
             answer = full[len(prompt) :]
+            if style != "multimood":  # published: the answer, its end-of-turn token and the line break are learnt
+                target_ids = self._encode_text(answer, literal_history)
+                return ids + target_ids, labels + target_ids
             body = answer.rstrip()
             target_ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
             tail_ids = self.tokenizer(answer[len(body) :], add_special_tokens=False)["input_ids"] if body != answer else []
             ids = ids + target_ids + tail_ids
             labels = labels + target_ids + [IGNORE_INDEX] * len(tail_ids)
         return ids, labels
+
+    def _encode_text(self, text: str, literal_history: bool = False) -> list[int]:
+        """Token ids of `text`; with `literal_history`, `<history>` is read as the plain text it is for the
+        published tokenizer (which lacks our placeholder tokens), every other added token stays one token."""
+        if not literal_history or HISTORY_TOKEN not in text:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        added = sorted((t for t in self.tokenizer.get_added_vocab() if t != HISTORY_TOKEN), key=len, reverse=True)
+        ids: list[int] = []
+        for piece in re.split("(" + "|".join(map(re.escape, added)) + ")", text):
+            if piece in added:
+                ids.append(self.tokenizer.convert_tokens_to_ids(piece))
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids
 
     # ------------------------------------------------------------------ decoding
 
@@ -1045,6 +1351,7 @@ class MultimoodDataCollator:
 MultimoodProcessor.register_for_auto_class()
 
 __all__ = [
+    "AUDIO_MISSING_CHOICES",
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "ESCONV_EMOTIONS",
@@ -1056,6 +1363,10 @@ __all__ = [
     "MultimoodDataCollator",
     "MultimoodProcessor",
     "MultimoodRecordError",
+    "PROMPT_STYLES",
+    "PUBLISHED_ANSWER_TEMPLATE",
+    "PUBLISHED_PROMPTS",
+    "check_prompt_style",
     "format_answer",
     "format_target",
     "parse_output",

@@ -38,6 +38,7 @@ from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_
 from .dataset_builder import load_dialogues
 from .hub import check_hub_reachable, prepare_upload_folder, push_to_hub
 from .pipeline_multimood import save_pipeline_files
+from .processing_multimood import PROMPT_STYLES
 
 logger = logging.getLogger("multimood.train")
 
@@ -99,6 +100,12 @@ class DataArguments:
     k_turn_history: int = field(default=7, metadata={"help": "Chat-history exchanges kept in the prompt."})
     k_cur_vid_user: int | None = field(default=None, metadata={"help": "Seed alias of --num_k_vid."})
     label_set: str = field(default="mesc", metadata={"help": "mesc or esconv."})
+    prompt_style: str | None = field(
+        default=None,
+        metadata={"help": "Prompt layout: multimood (default for a new model), published-train or published-eval "
+                          "(the published MultiMood prompts); default for a saved folder: its processor's.",
+                  "choices": list(PROMPT_STYLES)},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
 
 
@@ -309,6 +316,7 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, traini
         k_turn_history=data_args.k_turn_history,
         model_max_length=training_args.model_max_length,
         label_set=data_args.label_set,
+        **({"prompt_style": data_args.prompt_style} if data_args.prompt_style else {}),
     )
 
 
@@ -492,6 +500,8 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
         processor = MultimoodProcessor.from_pretrained(model_args.model_path)
         processor.k_turn_history = data_args.k_turn_history
         processor.model_max_length = training_args.model_max_length
+        if data_args.prompt_style:
+            processor.prompt_style = data_args.prompt_style
         kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
         model = MultimoodForConditionalGeneration.from_pretrained(model_args.model_path, dtype=torch.float32, **kwargs)
     else:

@@ -517,3 +517,31 @@ def test_pipeline_on_a_quickstart_model(tmp_path, shared_data, video_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _assert_labels_valid(pipe(long_record, video_folder=video_folder, max_new_tokens=48), pipe.processor)
+
+
+def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder, tmp_path):
+    """A published prompt style: the pipeline sends the processor's published prompt and constrains the
+    published answer format; `multimood predict --prompt_style` does the same and writes published references."""
+    _, processor, folder = built
+    style = "published-eval"
+    sent = pipe.preprocess(records[:2], video_folder=video_folder, prompt_style=style)["model_inputs"]["input_ids"]
+    direct = processor(records=records[:2], video_folder=video_folder, padding_side="left", prompt_style=style)
+    assert torch.equal(sent, direct["input_ids"])
+    assert "You are an expert in emotional psychology" in processor.decode(sent[0])
+    answers = pipe(records[:2], video_folder=video_folder, prompt_style=style, max_new_tokens=48)
+    for answer in answers:
+        lines = answer["generated_text"].split("\n")
+        assert lines[0] == f"Client's emotion: {answer['client_emotion']} "
+        assert lines[1] == f"Therapist's emotion: {answer['therapist_emotion']} "
+        assert lines[2] == f"Therapist's strategy: {answer['strategy']} "
+        assert lines[3].startswith("Therapist's response:") and "unknown_labels" not in answer
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    output = tmp_path / "preds.jsonl"
+    assert predict_main(["--model", str(folder), "--data", str(data), "--video_folder", video_folder, "--output",
+                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--quiet"]) == 0
+    lines = [json.loads(x) for x in output.read_text().splitlines()]
+    for line, record, answer in zip(lines, records, answers):
+        assert line["reference"] == processor.format_target(record, prompt_style=style)
+        assert line["reference"].startswith("Client's emotion: ")
+        assert line["prediction"] == answer["generated_text"]

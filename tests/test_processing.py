@@ -248,11 +248,18 @@ def test_text_only_and_no_audio_samples(processor, records, video_folder):
     batch = processor(records=[text_only, no_audio, with_audio], video_folder=video_folder, **SMALL)
     ids = batch["input_ids"]
     n_video = processor.video_processor.num_video_tokens(4, 56, 56)
+    n_audio = processor.feature_extractor.num_audio_tokens(2998, 128)
     assert [_count(r, processor.video_token_id) for r in ids] == [0, n_video, n_video]
-    assert _count(ids[0], processor.audio_token_id) == _count(ids[1], processor.audio_token_id) == 0
-    assert _count(ids[2], processor.audio_token_id) == processor.feature_extractor.num_audio_tokens(2998, 128)
-    assert batch["pixel_values_videos"].shape[0] == 2  # only the samples with clips, in sample order
-    assert batch["input_features"].shape[0] == 1  # the clip without an audio track contributes no features
+    # by default a clip without an audio track is heard as silence (as published): it keeps its audio block
+    assert [_count(r, processor.audio_token_id) for r in ids] == [0, n_audio, n_audio]
+    assert batch["pixel_values_videos"].shape[0] == batch["input_features"].shape[0] == 2  # samples with clips
+    # audio_missing="drop": the clip without an audio track contributes no features and no audio block
+    dropping = MultimoodProcessor(processor.video_processor, processor.feature_extractor, processor.tokenizer,
+                                  audio_missing="drop")
+    batch = dropping(records=[text_only, no_audio, with_audio], video_folder=video_folder, **SMALL)
+    ids = batch["input_ids"]
+    assert [_count(r, processor.audio_token_id) for r in ids] == [0, 0, n_audio]
+    assert batch["pixel_values_videos"].shape[0] == 2 and batch["input_features"].shape[0] == 1
     text = processor.decode(ids[1][batch["attention_mask"][1].bool()])
     assert "Client's video: <video>" in text and "<audio>" not in text
     # a batch with no clips at all carries no media keys, and a text-only prompt has no media line
