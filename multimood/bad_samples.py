@@ -226,9 +226,9 @@ class BadSampleScreen:
         if self.main_process:
             write_bad_samples(self.list_path, bad, append=True)
         if self.policy == "error":
-            count = f"{len(bad)} bad record{'s' if len(bad) > 1 else ''}"
+            count, them = (f"{len(bad)} bad records", "them") if len(bad) > 1 else ("1 bad record", "it")
             raise BadSampleError(
-                f"{bad[0].describe()} ({count} listed in {self.list_path}; --on_bad_sample skip leaves them out)"
+                f"{bad[0].describe()} ({count} listed in {self.list_path}; --on_bad_sample skip leaves {them} out)"
             )
         if len(bad) == len(dataset):
             raise BadSampleError(f"{data_file}: every record is bad, e.g. {bad[0].describe()}")

@@ -460,3 +460,15 @@ def test_clip_without_audio_is_silence_of_its_duration(tmp_path: Path, video_dir
     assert not present and samples.shape == (6400,) and not samples.any()
     samples, present = decode_audio(write_clip(tmp_path / "tone.mp4", num_frames=25, audio_rate=44100), "s")
     assert present and abs(len(samples) - SAMPLING_RATE) < 400 and np.abs(samples).max() > 0.2
+
+
+def test_the_video_processor_refuses_a_cut_off_clip(video_dir: Path, tmp_path: Path):
+    """What predict, the pipeline and training call: the error names the record and the clip, no frames come out."""
+    from multimood.video_processing_multimood import MultimoodVideoProcessor
+
+    shutil.copyfile(video_dir / "retalking_face_2.mp4", tmp_path / "whole.mp4")
+    cut(video_dir / "videollama2_sample_demo_3_baby_playing.mp4", tmp_path / "cut.mp4", 0.5)
+    with pytest.raises(ValueError) as raised:
+        MultimoodVideoProcessor(num_frames=4)([["whole.mp4"], ["whole.mp4", "cut.mp4"]], video_folder=tmp_path,
+                                              record_ids=["rec-1", "rec-2"])
+    assert str(raised.value).startswith(f"record rec-2: clip {tmp_path / 'cut.mp4'} is truncated")
