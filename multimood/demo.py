@@ -26,6 +26,7 @@ import html
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +64,11 @@ PROBLEM_TYPES = [
 ]
 
 # The crisis keyword screen: case-insensitive regular expressions checked on the utterance, the
-# conversation and the situation. A match shows `CRISIS_RESOURCES`; it is a simple screen, not a classifier.
+# conversation and the situation after `normalise_for_screen`. A match shows `CRISIS_RESOURCES`; it is a simple
+# screen, not a classifier.
 CRISIS_PATTERNS = {
     "suicide": r"\bsuicid(e|es|al|ality)\b",
-    "kill myself": r"\bkill(ing)?\s+my\s*self\b",
+    "kill myself": r"\bkill(ing)?\s*my\s*self\b",
     "end my life": r"\b(end(ing)?|take|taking)\s+my\s+(own\s+)?life\b",
     "end it all": r"\bend(ing)?\s+it\s+all\b",
     "self-harm": r"\bself[\s-]?harm(ing)?\b",
@@ -75,8 +77,22 @@ CRISIS_PATTERNS = {
     "better off dead": r"\bbetter\s+off\s+dead\b",
     "no reason to live": r"\b(no\s+reason\s+to\s+live|not\s+worth\s+living)\b",
     "overdose": r"\boverdos(e|ed|ing)\b",
+    # "live"/"exist" only where the sentence stops or goes on with "anymore", "like this": not "live in Paris"
+    "don't want to live": r"\b(don'?t|do\s+not|never)\s+(really\s+|even\s+)?want\s+to\s+(be\s+alive\b|(live|exist)"
+                          r"(?=\s*(any\s*more|any\s+longer|like\s+this|[.!?,;:)]|$)))",
+    "rather be dead": r"\b(I'?d|I\s+would)\s+(\w+\s+)?rather\s+(just\s+)?(be\s+dead|die|not\s+be\s+alive|not\s+exist|"
+                      r"not\s+wake\s+up)\b",
 }
 _CRISIS_REGEXES = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in CRISIS_PATTERNS.items()}
+
+# Letters of other scripts drawn like Latin ones (Cyrillic, Greek), typographic apostrophes and dashes: mapped to
+# the plain character before the screen runs, so "kіll" with a Cyrillic і or "don’t" with a curly apostrophe match.
+_SCREEN_CONFUSABLES = str.maketrans({
+    **dict(zip("аеорсухіјѕһԁԛԝӏкАВЕКМНОРСТХУІЈЅ", "aeopcyxijshdqwlkABEKMHOPCTXYIJS", strict=True)),
+    **dict(zip("αοικνρυχΑΒΕΖΗΙΚΜΝΟΡΤΥΧ", "aoiknpuxABEZHIKMNOPTYX", strict=True)),
+    **dict.fromkeys("\u2018\u2019\u201b\u02bc\u02bb\u00b4\u0060\u2032", "'"),
+    **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"),
+})
 
 DISCLAIMER = (
     "<b>Research model, not a counsellor.</b> MultiMood is a research model for emotional-support dialogue. "
@@ -154,9 +170,19 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None,
 # ----------------------------------------------------------------------------------------------
 
 
+def normalise_for_screen(text: str) -> str:
+    """The text the crisis screen reads: Unicode NFKC (full-width and other compatibility forms become plain
+    letters), without format characters (zero-width spaces and joiners, soft hyphens: category Cf) and combining
+    marks, with Cyrillic/Greek look-alike letters, curly apostrophes and typographic dashes made plain."""
+    decomposed = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    kept = "".join(char for char in decomposed if unicodedata.category(char) not in ("Cf", "Mn"))
+    return unicodedata.normalize("NFC", kept).translate(_SCREEN_CONFUSABLES)
+
+
 def crisis_matches(texts: Iterable[str | None]) -> list[str]:
-    """Names of the `CRISIS_PATTERNS` that any of `texts` matches, in the patterns' order."""
-    joined = "\n".join(text for text in texts if text)
+    """Names of the `CRISIS_PATTERNS` that any of `texts` matches (after `normalise_for_screen`), in the
+    patterns' order."""
+    joined = normalise_for_screen("\n".join(text for text in texts if text))
     return [name for name, regex in _CRISIS_REGEXES.items() if regex.search(joined)]
 
 

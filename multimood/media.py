@@ -5,6 +5,13 @@ with decord and its audio with another ffmpeg process. Here the clips are one ti
 probed once from its packet table (no decoding), frame indices are chosen on the joined timeline with the
 published rule and mapped back to (clip, frame in clip), and only the packets those frames depend on are decoded.
 No temporary file, no subprocess, and never a whole clip's frames in memory.
+
+Clip integrity is checked where it is cheap, from the probe: a file that is not a video (a still image under a
+video name, an audio file with a cover picture) and a clip whose readable packets fall short of what its container
+promises (a file cut off mid-way: fewer frames than an mp4 sample table lists, or, in Matroska/WebM and AVI, more
+than `TRUNCATION_TOLERANCE` seconds less video than the header states) are errors naming the record and the clip.
+Containers that promise nothing (MPEG-TS, raw streams) cannot be checked up front; there, as everywhere, a frame
+the decoder cannot produce is an error when it is decoded.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ SAMPLING_RATE = 16000
 _NONREF_SKIP_CODECS = frozenset({"h264", "mpeg4", "mpeg1video", "mpeg2video", "h263"})
 
 _AUDIO_CHUNK = 1 << 14  # samples per resampler call
+
+# Seconds of video a Matroska/WebM or AVI clip may lack against its header before it counts as cut off: headers
+# round durations and the last frame's duration is sometimes unknown, a cut-off file lacks far more.
+TRUNCATION_TOLERANCE = 0.5
+# Codecs of still-image files: a single frame of one of these is a picture, not a video.
+_IMAGE_CODECS = frozenset({"png", "apng", "gif", "webp", "bmp", "tiff", "mjpeg", "jpeg2000"})
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -109,20 +122,31 @@ class ClipInfo:
 
 
 def probe_clip(path: Path, record_id: object) -> ClipInfo:
-    """Read a clip's packet table (frame count, keyframes, timestamps) and stream facts; decodes nothing."""
+    """Read a clip's packet table (frame count, keyframes, timestamps) and stream facts; decodes nothing.
+
+    Raises `ValueError` naming the record and the clip when the file is not a video or is cut off (see the module
+    docstring).
+    """
     with _open(path, record_id) as container:
-        if not container.streams.video:
-            raise ValueError(f"record {record_id}: clip {path} has no video stream")
-        stream = container.streams.best("video")
+        stream = _video_stream(container, path, record_id)
         try:
             packets = [
-                (packet.pts, packet.dts, packet.is_keyframe) for packet in container.demux(stream) if packet.size
+                (packet.pts, packet.dts, packet.is_keyframe, packet.duration)
+                for packet in container.demux(stream)
+                if packet.size
             ]
         except av.FFmpegError as error:
             raise _unreadable(path, record_id, error) from error
         if not packets:
             raise ValueError(f"record {record_id}: clip {path} has no video frames")
-        pts, dts, is_key = (tuple(column) for column in zip(*packets))
+        if len(packets) == 1 and stream.codec_context.name in _IMAGE_CODECS:
+            raise ValueError(
+                f"record {record_id}: clip {path} is a still image ({stream.codec_context.name}), not a video"
+            )
+        shortfall = _shortfall(container, stream, packets)
+        if shortfall:
+            raise ValueError(f"record {record_id}: clip {path} is truncated or damaged: {shortfall}")
+        pts, dts, is_key, _ = (tuple(column) for column in zip(*packets))
         if None in pts:
             display_order = tuple(range(len(pts)))
         else:
@@ -150,6 +174,69 @@ def probe_clip(path: Path, record_id: object) -> ClipInfo:
             packet_is_key=is_key,
             display_order=display_order,
         )
+
+
+def _video_stream(container: av.container.InputContainer, path: Path, record_id: object) -> av.VideoStream:
+    """The clip's video stream; cover pictures (attached pictures of audio files) and still images are refused."""
+    streams = [
+        stream for stream in container.streams.video
+        if not stream.disposition & av.stream.Disposition.attached_pic
+    ]
+    if not streams:
+        cover = " (only a cover picture)" if container.streams.video else ""
+        raise ValueError(f"record {record_id}: clip {path} has no video stream{cover}")
+    best = container.streams.best("video")
+    stream = best if best in streams else streams[0]
+    demuxer = container.format.name
+    if demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe"):
+        raise ValueError(
+            f"record {record_id}: clip {path} is a still image ({stream.codec_context.name}), not a video"
+        )
+    return stream
+
+
+def _shortfall(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    packets: Sequence[tuple[int | None, int | None, bool, int | None]],
+) -> str | None:
+    """How the readable video packets fall short of what the container header promises, or None.
+
+    mp4/mov lists every frame in its sample table, which sits before the data in a "faststart" file and so survives
+    a cut; Matroska/WebM (the track's `DURATION` tag) and AVI (the stream header's length) state the video's
+    duration in their header. Other containers promise nothing.
+    """
+    demuxer = container.format.name
+    if "mp4" in demuxer.split(","):
+        if stream.frames > len(packets):
+            return f"its container lists {stream.frames} video frames but only {len(packets)} can be read"
+        return None
+    if demuxer == "avi" and stream.frames and stream.time_base:
+        promised = float(stream.frames * stream.time_base)  # the stream header's length, in time-base units
+    elif demuxer == "matroska,webm":
+        promised = _matroska_duration(stream.metadata.get("DURATION"))
+        if promised is None and len(container.streams) == 1 and container.duration:
+            promised = container.duration / av.time_base
+    else:
+        return None
+    stamps = [(pts if pts is not None else dts, duration) for pts, dts, _, duration in packets]
+    stamps = [(stamp, duration or 0) for stamp, duration in stamps if stamp is not None]
+    if promised is None or not stamps or not stream.time_base:
+        return None
+    first = min(stamp for stamp, _ in stamps)
+    readable = float((max(stamp + duration for stamp, duration in stamps) - first) * stream.time_base)
+    if promised - readable > TRUNCATION_TOLERANCE:
+        return f"its container promises {promised:.2f} s of video but only {readable:.2f} s can be read"
+    return None
+
+
+def _matroska_duration(value: str | None) -> float | None:
+    """Seconds of a Matroska `DURATION` tag (`HH:MM:SS.nnnnnnnnn`), or None."""
+    try:
+        hours, minutes, seconds = (value or "").split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def uniform_frame_indices(total_frames: int, num_frames: int) -> list[int]:

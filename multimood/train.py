@@ -29,11 +29,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
+from .bad_samples import BadSampleScreen
 from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_checkpoint
 from .dataset_builder import load_dialogues
 from .hub import check_hub_reachable, prepare_upload_folder, push_to_hub
@@ -107,6 +109,12 @@ class DataArguments:
                   "choices": list(PROMPT_STYLES)},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    on_bad_sample: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A record whose clips cannot be used (missing, cut off, not a video, undecodable): `error` "
+                          "stops naming its file, line, Dialogue_ID and clip; `skip` leaves it out. Both list them "
+                          "in OUTPUT_DIR/bad_samples.jsonl. Clips are probed once before training."},
+    )
 
 
 @dataclass
@@ -621,7 +629,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     train_dataset = make_dataset(data_args.data_path, data_args.max_train_samples)
     eval_dataset = make_dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     video_folder = os.path.abspath(data_args.vid_folder) if data_args.vid_folder else None
-    collator = MultimoodDataCollator(processor, video_folder=video_folder, with_target=True)
+    screen = BadSampleScreen(data_args.on_bad_sample, video_folder, processor.num_k_vid, training_args.output_dir,
+                             main_process=training_args.process_index == 0, progress=not training_args.disable_tqdm)
+    train_dataset = screen.dataset(train_dataset, data_args.data_path)
+    eval_dataset = screen.dataset(eval_dataset, data_args.eval_data_path) if eval_dataset is not None else None
+    collator = screen.collator(MultimoodDataCollator(processor, video_folder=video_folder, with_target=True))
 
     trainer = Trainer(
         model=model,

