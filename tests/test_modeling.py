@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from model_utils import TINY_FBANK_FRAMES, multimodal_batch, tiny_config
+from tests.model_utils import TINY_FBANK_FRAMES, multimodal_batch, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodModel
