@@ -36,20 +36,20 @@ def _as_failure(report, where: str) -> None:
     report.longrepr = f"skipped {where} in strict mode (MULTIMOOD_TEST_STRICT=1 / CI=true), reason: {reason}"
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     if strict_mode() and report.skipped and not hasattr(report, "wasxfail"):
         _as_failure(report, "test")
+    return report
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector):
-    outcome = yield
-    report = outcome.get_result()
+    report = yield
     if strict_mode() and report.skipped:  # a module-level importorskip
         _as_failure(report, "module")
+    return report
 
 
 @pytest.fixture(scope="session")

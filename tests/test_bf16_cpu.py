@@ -103,7 +103,7 @@ def _published_convs() -> dict[tuple, str]:
     convs = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not name.endswith("pos_conv.0"):
-            key = (type(module).__mro__[0].__name__, module.in_channels, module.out_channels, module.kernel_size,
+            key = (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size,
                    module.stride, module.padding, module.groups)
             convs.setdefault(key, name)
     return convs

@@ -124,8 +124,8 @@ def test_video_features_equal_siglip_select_layer_then_connector():
     assert expected.shape == (2, config.num_video_tokens(), config.text_config.hidden_size)
     torch.testing.assert_close(model.get_video_features(pixels), expected, atol=1e-5, rtol=1e-5)
     # The oracle tells the layers apart: the last layer's state would give other tokens.
-    last = stc_by_hand(model.model.mm_projector, config,
-                       siglip_layer_by_hand(model.model.vision_tower, pixels.flatten(0, 1), -1).reshape(2, config.num_frames, -1, 32))
+    last_layer = siglip_layer_by_hand(model.model.vision_tower, pixels.flatten(0, 1), -1)
+    last = stc_by_hand(model.model.mm_projector, config, last_layer.reshape(2, config.num_frames, *last_layer.shape[1:]))
     assert config.mm_vision_select_layer != -1 and (last - expected).abs().max() > 1e-2
 
 
