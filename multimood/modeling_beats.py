@@ -125,6 +125,8 @@ class BeatsPositionalConvEmbedding(nn.Sequential):
         super().__init__(conv, BeatsSamePad(config.conv_pos), nn.GELU())
         deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original0)
         deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original1)
+        if conv.bias is not None:  # the CPU path of `forward` reads the bias without calling the conv module
+            deepspeed.zero.register_external_parameter(self, conv.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, dim) -> (batch, tokens, dim).
