@@ -125,10 +125,27 @@ class BeatsPositionalConvEmbedding(nn.Sequential):
         super().__init__(conv, BeatsSamePad(config.conv_pos), nn.GELU())
         deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original0)
         deepspeed.zero.register_external_parameter(self, conv.parametrizations.weight.original1)
+        if conv.bias is not None:  # the CPU path of `forward` reads the bias without calling the conv module
+            deepspeed.zero.register_external_parameter(self, conv.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, dim) -> (batch, tokens, dim)."""
-        return super().forward(hidden_states.transpose(1, 2)).transpose(1, 2)
+        """(batch, tokens, dim) -> (batch, tokens, dim).
+
+        On the CPU the conv runs in float32 whatever the model dtype or autocast: on CPUs with AMX-BF16,
+        oneDNN computes grouped bfloat16 Conv1d with few channels per group wrongly (relative error ~1 for
+        32 channels, 4 groups, kernel 8 in torch 2.14). One conv per forward, so float32 costs little.
+        """
+        hidden_states = hidden_states.transpose(1, 2)
+        if hidden_states.device.type != "cpu":
+            return super().forward(hidden_states).transpose(1, 2)
+        conv, same_pad, activation = self
+        with torch.autocast("cpu", enabled=False):
+            bias = conv.bias.float() if conv.bias is not None else None
+            out = F.conv1d(
+                hidden_states.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups
+            )
+            out = activation(same_pad(out))
+        return out.to(hidden_states.dtype).transpose(1, 2)
 
 
 class BeatsAttention(nn.Module):

@@ -530,18 +530,23 @@ def build_model_and_processor(model_args: ModelArguments, data_args: DataArgumen
     return model, processor
 
 
-def configure_trainable(model, model_args: ModelArguments) -> None:
+def trainable_parts(model, model_args: ModelArguments) -> dict[str, tuple[bool, list[torch.nn.Module]]]:
+    """Each switchable block of the model: (trained?, its modules), keyed by the module names peft matches."""
     inner = model.model
-    model.requires_grad_(False)
-    parts = {
-        "llm": (model_args.tune_llm, [inner.language_model, model.lm_head]),
+    return {
+        "language_model": (model_args.tune_llm, [inner.language_model, model.lm_head]),
         "mm_projector": (model_args.tune_mm_projector, [inner.mm_projector]),
-        "audio_projector": (model_args.tune_audio_projector, [inner.mm_projector_a]),
-        "compressor": (model_args.tune_compressor, [inner.mamba_compressor] if inner.mamba_compressor is not None else []),
+        "mm_projector_a": (model_args.tune_audio_projector, [inner.mm_projector_a]),
+        "mamba_compressor": (model_args.tune_compressor, [inner.mamba_compressor] if inner.mamba_compressor is not None else []),
         "vision_tower": (model_args.tune_vision_tower, [inner.vision_tower]),
         "audio_tower": (model_args.tune_audio_tower, [inner.audio_tower]),
     }
-    for _, (enabled, modules) in parts.items():
+
+
+def configure_trainable(model, model_args: ModelArguments) -> None:
+    """Exactly the switched-on blocks train (`--tune_*`, the towers frozen by default); everything else is frozen."""
+    model.requires_grad_(False)
+    for enabled, modules in trainable_parts(model, model_args).values():
         if enabled:
             for module in modules:
                 module.requires_grad_(True)
@@ -549,20 +554,28 @@ def configure_trainable(model, model_args: ModelArguments) -> None:
     model.config.freeze_audio_tower = not model_args.tune_audio_tower
 
 
+def check_lora_switches(model_args: ModelArguments, lora_enable: bool) -> None:
+    """LoRA adapts the LLM only: asking for it while freezing the LLM is a contradiction, not a silent no-op."""
+    if lora_enable and not model_args.tune_llm:
+        raise ValueError(
+            "--lora_enable True trains LoRA adapters on the LLM, but --tune_llm False (or --tune_adapter_llm False) "
+            "freezes the LLM: drop --lora_enable to train only the projectors/compressor, or set --tune_llm True"
+        )
+
+
 def apply_lora(model, model_args: ModelArguments, training_args: MultimoodTrainingArguments):
-    """LoRA on the LLM's linear layers; the connector, projector and compressor stay fully trainable."""
+    """LoRA on the LLM's linear layers (its base weights frozen); the other switched-on blocks (`--tune_*`) train
+    fully as peft `modules_to_save`, so that they are saved with the adapter."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
+    check_lora_switches(model_args, True)
     names = (training_args.lora_target_modules.split(",") if training_args.lora_target_modules else LLM_LINEAR_NAMES)
     names = [n.strip() for n in names if n.strip()]
     target = r".*language_model\..*\.(" + "|".join(names) + r")$"
-    modules_to_save = []
-    if model_args.tune_mm_projector:
-        modules_to_save.append("mm_projector")
-    if model_args.tune_audio_projector:
-        modules_to_save.append("mm_projector_a")
-    if model_args.tune_compressor and model.model.mamba_compressor is not None:
-        modules_to_save.append("mamba_compressor")
+    modules_to_save = [
+        name for name, (enabled, modules) in trainable_parts(model, model_args).items()
+        if enabled and modules and name != "language_model"
+    ]
     config = LoraConfig(
         r=training_args.lora_r,
         lora_alpha=training_args.lora_alpha,
@@ -612,6 +625,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
 
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
+    check_lora_switches(model_args, training_args.lora_enable)
     transformers.set_seed(training_args.seed)
     # The Trainer would push output_dir as is (checkpoints, its own card): we push a prepared folder at the end,
     # and check the Hub answers before spending the training time.

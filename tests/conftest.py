@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: the real data under ../shared/data and the `slow` marker."""
+"""Shared pytest set-up: the real data under ../shared/data, the `slow` marker, and strict mode for CI.
+
+A developer without the real data (or without an optional extra) gets skips with the reason. In CI
+(`MULTIMOOD_TEST_STRICT=1`, exported by `.ci/run`, or `CI=true`) every skip is turned into a failure
+that keeps the reason: a missing data folder or a broken optional import must not pass silently.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,46 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def strict_mode() -> bool:
+    """True in CI: skips become failures."""
+    return os.environ.get("MULTIMOOD_TEST_STRICT", "") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavier tests (full-size media, subprocesses); deselect with -m 'not slow'")
 
 
+def pytest_report_header(config):
+    if strict_mode():
+        return "multimood strict mode (MULTIMOOD_TEST_STRICT=1 or CI=true): skips are failures"
+    return None
+
+
+def _as_failure(report, where: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped {where} in strict mode (MULTIMOOD_TEST_STRICT=1 / CI=true), reason: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if strict_mode() and report.skipped and not hasattr(report, "wasxfail"):
+        _as_failure(report, "test")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if strict_mode() and report.skipped:  # a module-level importorskip
+        _as_failure(report, "module")
+    return report
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real data folder: $MULTIMOOD_TEST_DATA, else <repo>/../shared/data; skips when absent."""
+    """The real data folder: $MULTIMOOD_TEST_DATA, else <repo>/../shared/data; skips when absent (fails in CI)."""
     path = Path(os.environ.get("MULTIMOOD_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
     if not path.is_dir():
         pytest.skip(f"real test data not found at {path} (set MULTIMOOD_TEST_DATA)")

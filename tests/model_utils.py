@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from multimood import MultimoodConfig
+from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 
 TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood special tokens fit below this
 
@@ -44,6 +44,23 @@ def tiny_config(compressor: str | None = "mamba2", projector: str = "stc_connect
     )
     kwargs.update(overrides)
     return MultimoodConfig(**kwargs)
+
+
+SENSITIVE_INIT_STD = 0.2
+
+
+def sensitive_model(seed: int = 0, **overrides) -> MultimoodForConditionalGeneration:
+    """A seeded tiny model in eval mode whose generations depend on every input.
+
+    At the default init (std 0.02) a 32-wide Qwen2 with tied embeddings just repeats its last prompt
+    token, whatever the video, audio or history: generation tests on it cannot fail. With std 0.2 for the
+    LLM, SigLIP and the connectors, changing any one input changes the greedy tokens.
+    """
+    config = tiny_config(**overrides)
+    for sub in (config, config.text_config, config.vision_config):
+        sub.initializer_range = SENSITIVE_INIT_STD
+    torch.manual_seed(seed)
+    return MultimoodForConditionalGeneration(config).eval()
 
 
 TINY_FBANK_FRAMES = 48  # 3 x 8 patches of 16x16 -> 24 audio tokens

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from model_utils import tiny_config
+from tests.model_utils import tiny_config
 from transformers import AutoModel, Qwen2ForCausalLM, SiglipVisionModel
 
 from multimood import BeatsModel

@@ -20,17 +20,11 @@ import torch
 
 from multimood import quickstart
 from multimood import train as mm_train
+from tests.model_utils import TINY_VOCAB
+from tests.optional_deps import import_or_skip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_SCRIPTS = REPO_ROOT / "run_scripts"
-
-
-def _deepspeed_available() -> bool:
-    try:
-        import deepspeed  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +74,7 @@ SEED_COMMAND = """
 
 
 def test_parse_seed_flags(tmp_path):
-    if not _deepspeed_available():
-        pytest.skip("deepspeed is not installed (pip install deepspeed==0.19.8)")
+    import_or_skip("deepspeed", "train")
     paths = {name: str(tmp_path / name) for name in ("llm", "siglip", "mamba", "beats", "projectors", "data", "videos", "out")}
     argv = shlex.split(SEED_COMMAND.format(zero3=RUN_SCRIPTS / "zero3.json", **paths))
     model_args, data_args, args = mm_train.parse_args(argv)
@@ -124,8 +117,7 @@ def test_deepspeed_configs(name, tmp_path):
     assert "optimizer" not in config  # the Trainer builds torch AdamW (no fused-op build on CPU)
     if config["zero_optimization"]["stage"] == 3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    if not _deepspeed_available():
-        pytest.skip("deepspeed is not installed")
+    import_or_skip("deepspeed", "train")
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), deepspeed=str(RUN_SCRIPTS / name), report_to="none")
     assert args.hf_deepspeed_config is not None
 
@@ -207,8 +199,6 @@ def _reload_in_clean_process(folder, records, videos) -> dict:
 def test_train_on_mesc_loss_decreases_and_reloads(shared_data, tmp_path):
     """A tiny model on real MESC records and real clips with the real Qwen2 tokenizer: loss drops clearly,
     and the saved folder reloads in a clean process and generates."""
-    from tests.model_utils import TINY_VOCAB
-
     records = tmp_path / "mesc.jsonl"
     lines = (shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:6]
     records.write_text("\n".join(lines) + "\n")
@@ -273,8 +263,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(sample_data, tmp_path)
 
 @pytest.mark.slow
 def test_deepspeed_zero2_torchrun(sample_data, tmp_path):
-    if not _deepspeed_available():
-        pytest.skip("deepspeed is not installed")
+    import_or_skip("deepspeed", "train")
     out = tmp_path / "ds"
     argv = _tiny_argv(sample_data, out, _vocab(sample_data), "--max_steps", "3", "--save_strategy", "no",
                       "--deepspeed", str(RUN_SCRIPTS / "zero2.json"))
@@ -520,8 +509,7 @@ def test_ddp_two_ranks_mixed_modalities(mesc_mixed, tmp_path):
 def test_deepspeed_zero3_two_ranks_saves_full_weights(mesc_mixed, tmp_path):
     """ZeRO-3 (run_scripts/zero3.json, gather_16bit_weights_on_model_save) on 2 CPU ranks with mixed modalities:
     trains, saves full (unpartitioned) weights that reload with the trained model's logits."""
-    if not _deepspeed_available():
-        pytest.skip("deepspeed is not installed")
+    import_or_skip("deepspeed", "train")
     out, logs = tmp_path / "zero3", tmp_path / "logs"
     proc = _torchrun_two_ranks(mesc_mixed, out, logs, "--deepspeed", str(RUN_SCRIPTS / "zero3.json"))
     _check_two_rank_run(proc, out, logs)
