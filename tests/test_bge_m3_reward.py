@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bge_m3_utils import WORDS, write_tiny_bge_m3
+from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
 from multimood import rewards as R
 from multimood.processing_multimood import format_answer
 
