@@ -16,6 +16,7 @@ import torch
 
 from multimood import rewards as R
 from multimood.processing_multimood import format_answer
+from tests.bge_m3_utils import write_tiny_bge_m3
 
 GOLD = {
     "Utterance": [["Kate said that?"], "You feel unheard."],
@@ -327,8 +328,6 @@ def sft_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bge_m3(tmp_path_factory) -> Path:
-    from bge_m3_utils import write_tiny_bge_m3
-
     return write_tiny_bge_m3(tmp_path_factory.mktemp("tiny_bge_m3"))
 
 
