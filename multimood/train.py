@@ -89,12 +89,12 @@ class ModelArguments:
     tune_audio_tower: bool = field(default=False, metadata={"help": "Train BEATs (frozen by default)."})
     freeze_mamba_compressor: bool | None = field(default=None, metadata={"help": "Seed alias: not --tune_compressor."})
     # The published (VideoLLaMA2 / seed) names: see `apply_published_flags` and the README's flag table.
-    freeze_backbone: bool | None = field(default=None, metadata={"help": "Published: True means --tune_llm False."})
-    tune_mm_mlp_adapter: bool | None = field(
-        default=None, metadata={"help": "Published stage switch: train the video connector only (with "
+    freeze_backbone: bool = field(default=False, metadata={"help": "Published: True means --tune_llm False."})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Published stage switch: train the video connector only (with "
                                         "--tune_mm_mlp_adapter_a: both projectors only)."})
-    tune_mm_mlp_adapter_a: bool | None = field(
-        default=None, metadata={"help": "Published stage switch: train the audio projector only (see --tune_mm_mlp_adapter)."})
+    tune_mm_mlp_adapter_a: bool = field(
+        default=False, metadata={"help": "Published stage switch: train the audio projector only (see --tune_mm_mlp_adapter)."})
     pretrain_mm_mlp_adapter: str | None = field(
         default=None, metadata={"help": "File / folder / Hub id whose `mm_projector.*` tensors initialise the video connector."})
     pretrain_mm_mlp_adapter_a: str | None = field(
@@ -154,8 +154,8 @@ class MultimoodTrainingArguments(TrainingArguments):
     double_quant: bool = field(default=True, metadata={"help": "4-bit: quantize the quantization constants too."})
     mm_projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the video connector and audio projector (their own optimizer groups)."})
-    freeze_mm_mlp_adapter: bool | None = field(
-        default=None, metadata={"help": "Published: True freezes both projectors (--tune_mm_projector False --tune_audio_projector False)."})
+    freeze_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Published: True freezes both projectors (--tune_mm_projector False --tune_audio_projector False)."})
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "Batches of one modality (with clips / text-only), grouped by length."})
     save_safetensors: bool | None = field(

@@ -70,7 +70,7 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
 
     trainer, _ = mm_train.main(argv)
     peft_model = trainer.model
-    trained = {**dict(peft_model.get_base_model().named_parameters()), **dict(peft_model.get_base_model().named_buffers())}
+    trained = peft_model.get_base_model().state_dict()  # tied weights under both names
 
     quantized = changed_projectors = 0
     for key, before in initial.items():
@@ -112,8 +112,9 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
     assert any("mm_projector." in k and "lora" not in k for k in keys)
     assert any("mm_projector_a." in k for k in keys) and not any("mamba_compressor" in k for k in keys)
 
+    # (in this process the Auto classes resolve to the package's registered class; the clean-process load of a
+    # merged QLoRA folder is test_finetune_qlora_script_trains_saves_and_reloads)
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True).eval()
-    assert not type(merged).__module__.startswith("multimood.")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     batch = _batch_of(mixed_records["records"], [1, 3], trainer.processing_class, mixed_records["videos"])
