@@ -18,6 +18,9 @@ all the processing (video decoding runs in the DataLoader workers).
 After training the output folder is complete (weights, config with `auto_map`, remote code, processor
 files); with LoRA it holds the adapter and `merged/` holds a full model that loads with
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
+QLoRA (`--bits 4/8` with LoRA) quantizes the LLM's linear layers after assembly; its `merged/` is the dequantized
+base plus the adapter, in float32. `MultimoodTrainer` adds the published `--mm_projector_lr` optimizer groups and
+`--group_by_modality_length` batches; `apply_published_flags` maps the published flag names onto ours.
 """
 
 from __future__ import annotations

@@ -275,3 +275,50 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
     result = _reload_in_clean_process(out / "merged", sample_data["records"], sample_data["videos"])
     assert result["new_tokens"] > 0 and not result["module"].startswith("multimood.")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
+    """--pretrain_mm_mlp_adapter / _a: the published per-projector files (keys `model.mm_projector[_a].*`)."""
+    from multimood import MultimoodForConditionalGeneration
+
+    model = MultimoodForConditionalGeneration(tiny_config())
+    video = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in model.model.mm_projector.state_dict().items()}
+    audio = {f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()}
+    torch.save(video, tmp_path / "mm_projector.bin")
+    torch.save({**audio, "model.mm_projector.readout.0.weight": torch.zeros(1)}, tmp_path / "mm_projector_a.bin")
+    before_audio = {k: v.clone() for k, v in model.model.mm_projector_a.state_dict().items()}
+    model_args = mm_train.ModelArguments(pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.bin"))
+    mm_train.load_projector_files(model, model_args)
+    for key, value in video.items():
+        assert torch.equal(model.model.mm_projector.state_dict()[key[len("model.mm_projector."):]], value), key
+    for key, value in before_audio.items():
+        assert torch.equal(model.model.mm_projector_a.state_dict()[key], value), key  # untouched without _a
+    mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector_a.bin")))
+    for key, value in audio.items():
+        assert torch.equal(model.model.mm_projector_a.state_dict()[key[len("model.mm_projector_a."):]], value), key
+    with pytest.raises(ValueError, match="no `mm_projector_a.\\*` tensors"):
+        mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector.bin")))
+
+
+def test_lora_weight_path_continues_a_saved_adapter(tmp_path):
+    """--lora_weight_path: the saved adapter's own weights (LoRA and fully trained projectors) come back, trainable."""
+    from multimood import MultimoodForConditionalGeneration
+
+    config = tiny_config()
+    args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", lora_enable=True, lora_r=4)
+    first = mm_train.apply_lora(MultimoodForConditionalGeneration(config), mm_train.ModelArguments(), args)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    first.save_pretrained(tmp_path / "adapter")
+    saved = {n: p.detach().clone() for n, p in first.named_parameters() if p.requires_grad}
+    args.lora_weight_path = str(tmp_path / "adapter")
+    again = mm_train.load_lora_adapter(MultimoodForConditionalGeneration(config), args)
+    trainable = {n: p for n, p in again.named_parameters() if p.requires_grad}
+    assert set(trainable) == set(saved)
+    for name, value in saved.items():
+        assert torch.equal(trainable[name], value), name
+    args.lora_weight_path = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere: no adapter_config.json"):
+        mm_train.load_lora_adapter(MultimoodForConditionalGeneration(config), args)
