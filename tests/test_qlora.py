@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import transformers
 from multimood import train as mm_train
 from multimood.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
 from tests.model_utils import tiny_config
-from tests.test_training import _reload_in_clean_process, _tiny_argv, _vocab, sample_data  # noqa: F401
+from tests.test_training import (  # noqa: F401
+    _reload_in_clean_process, _run_killing_group, _tiny_argv, _vocab, sample_data,
+)
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'multimood[qlora]')")
 
@@ -264,8 +265,9 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
              "--model_max_length", "1024", "--lora_r", "8", "--lora_alpha", "16", "--bf16", "False",
              "--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
              "--per_device_train_batch_size", "2", "--learning_rate", "3e-3"]
-    proc = subprocess.run(["bash", str(REPO_ROOT / "run_scripts" / "finetune_qlora.sh"), "", "", "", *extra],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO_ROOT))
+    # (the first DeepSpeed run on a machine compiles its CPU communication op into ~/.cache/torch_extensions)
+    proc = _run_killing_group(["bash", str(REPO_ROOT / "run_scripts" / "finetune_qlora.sh"), "", "", "", *extra],
+                              900, env)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     assert "quantized 14 LLM linear layers to 4-bit (nf4)" in proc.stderr
     state = json.loads((out / "trainer_state.json").read_text())
