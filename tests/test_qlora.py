@@ -28,9 +28,10 @@ bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The merged folder holds W_dequantized + B @ A * scale in float32; the adapter model computes
-# x @ W_dequantized^T + (x @ A^T) @ B^T * scale. Only the float32 summation order differs (logits are O(1)).
-MERGED_LOGITS_ATOL = 1e-4
-MERGED_LOGITS_RTOL = 1e-4
+# x @ W_dequantized^T + (x @ A^T) @ B^T * scale. Only the float32 summation order differs: measured 5e-7 on
+# logits of magnitude 0.7 (tiny config, random LoRA B).
+MERGED_LOGITS_ATOL = 1e-5
+MERGED_LOGITS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
