@@ -18,6 +18,9 @@ all the processing (video decoding runs in the DataLoader workers).
 After training the output folder is complete (weights, config with `auto_map`, remote code, processor
 files); with LoRA it holds the adapter and `merged/` holds a full model that loads with
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
+QLoRA (`--bits 4/8` with LoRA) quantizes the LLM's linear layers after assembly; its `merged/` is the dequantized
+base plus the adapter, in float32. `MultimoodTrainer` adds the published `--mm_projector_lr` optimizer groups and
+`--group_by_modality_length` batches; `apply_published_flags` maps the published flag names onto ours.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 import transformers
+from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import seed_worker
 
 from .bad_samples import BadSampleScreen
 from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_checkpoint
@@ -88,6 +94,23 @@ class ModelArguments:
     tune_vision_tower: bool = field(default=False, metadata={"help": "Train SigLIP (frozen by default)."})
     tune_audio_tower: bool = field(default=False, metadata={"help": "Train BEATs (frozen by default)."})
     freeze_mamba_compressor: bool | None = field(default=None, metadata={"help": "Seed alias: not --tune_compressor."})
+    # The published (VideoLLaMA2 / seed) names: see `apply_published_flags` and the README's flag table.
+    freeze_backbone: bool = field(default=False, metadata={"help": "Published: True means --tune_llm False."})
+    tune_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Published stage switch: train the video connector only (with "
+                                        "--tune_mm_mlp_adapter_a: both projectors only)."})
+    tune_mm_mlp_adapter_a: bool = field(
+        default=False, metadata={"help": "Published stage switch: train the audio projector only (see --tune_mm_mlp_adapter)."})
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "File / folder / Hub id whose `mm_projector.*` tensors initialise the video connector."})
+    pretrain_mm_mlp_adapter_a: str | None = field(
+        default=None, metadata={"help": "File / folder / Hub id whose `mm_projector_a.*` tensors initialise the audio projector."})
+    mm_vision_select_feature: str | None = field(
+        default=None, metadata={"help": "Published: `patch` (the only value here: SigLIP has no CLS token)."})
+    version: str | None = field(default=None, metadata={"help": "Published, no effect: the processor's chat template formats prompts."})
+    num_user_emotion_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
+    num_system_emotion_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
+    num_strategy_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
 
 
 @dataclass
@@ -115,6 +138,9 @@ class DataArguments:
                           "stops naming its file, line, Dialogue_ID and clip; `skip` leaves it out. Both list them "
                           "in OUTPUT_DIR/bad_samples.jsonl. Clips are probed once before training."},
     )
+    data_folder: str | None = field(default=None, metadata={"help": "Published (VideoLLaMA2) name of --vid_folder."})
+    is_multimodal: bool | None = field(default=None, metadata={"help": "Published, no effect: media follow the records."})
+    lazy_preprocess: bool | None = field(default=None, metadata={"help": "Published, no effect: records are always processed lazily."})
 
 
 @dataclass
@@ -137,6 +163,21 @@ class MultimoodTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Comma-separated LLM linear names (default: all attention and MLP projections)."}
     )
     merge_lora: bool = field(default=True, metadata={"help": "With LoRA, also write a merged full model to output_dir/merged."})
+    lora_weight_path: str | None = field(
+        default=None, metadata={"help": "A saved LoRA adapter folder to continue training from (its own r / alpha / targets)."})
+    bits: int = field(
+        default=16, metadata={"help": "4 or 8: load the LLM's linear layers in 4-bit / 8-bit (bitsandbytes) for QLoRA "
+                                      "(needs --lora_enable True); 16: no quantization.", "choices": [4, 8, 16]})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4.", "choices": ["nf4", "fp4"]})
+    double_quant: bool = field(default=True, metadata={"help": "4-bit: quantize the quantization constants too."})
+    mm_projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the video connector and audio projector (their own optimizer groups)."})
+    freeze_mm_mlp_adapter: bool = field(
+        default=False, metadata={"help": "Published: True freezes both projectors (--tune_mm_projector False --tune_audio_projector False)."})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "Batches of one modality (with clips / text-only), grouped by length."})
+    save_safetensors: bool | None = field(
+        default=None, metadata={"help": "Published, no effect: transformers 5 always writes safetensors."})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -175,9 +216,76 @@ def parse_args(argv: list[str] | None = None):
         model_args.tune_compressor = not model_args.freeze_mamba_compressor
     if data_args.k_cur_vid_user is not None:
         data_args.num_k_vid = data_args.k_cur_vid_user
+    apply_published_flags(model_args, data_args, training_args)
     if model_args.model_type.lower() not in QWEN2_MODEL_TYPES and "qwen2" not in model_args.model_type.lower():
         raise ValueError(f"--model_type {model_args.model_type!r}: only the Qwen2 family is supported ({QWEN2_MODEL_TYPES})")
     return model_args, data_args, training_args
+
+
+# Published fields kept only so that published launch scripts parse, with why each has no effect here.
+PUBLISHED_FIELDS_WITHOUT_EFFECT = {
+    "version": "the processor's chat template (saved with the model) formats the prompt",
+    "num_user_emotion_classes": "MultiMood generates the labels as text (no SMES classification heads)",
+    "num_system_emotion_classes": "MultiMood generates the labels as text (no SMES classification heads)",
+    "num_strategy_classes": "MultiMood generates the labels as text (no SMES classification heads)",
+    "is_multimodal": "the media inputs follow the records and the model's towers",
+    "lazy_preprocess": "records are always processed lazily, by the data collator",
+    "save_safetensors": "transformers 5 always writes safetensors",
+}
+
+
+def apply_published_flags(model_args: ModelArguments, data_args: DataArguments,
+                          training_args: MultimoodTrainingArguments) -> None:
+    """Map the published flag names onto ours (README, "Published flags").
+
+    The published code applies its switches in code order, where `--tune_adapter_llm true` re-enables every block
+    after the stage switches; here the stage switches come first, then `--tune_adapter_llm true`, and an explicit
+    freeze flag (`--freeze_backbone`, `--freeze_mm_mlp_adapter`, `--freeze_mamba_compressor`) always wins.
+    """
+    if model_args.tune_mm_mlp_adapter or model_args.tune_mm_mlp_adapter_a:
+        model_args.tune_llm = model_args.tune_compressor = False
+        model_args.tune_mm_projector = bool(model_args.tune_mm_mlp_adapter)
+        model_args.tune_audio_projector = bool(model_args.tune_mm_mlp_adapter_a)
+    if model_args.tune_adapter_llm:
+        model_args.tune_llm = model_args.tune_mm_projector = model_args.tune_audio_projector = True
+        model_args.tune_compressor = True
+    if model_args.freeze_backbone:
+        model_args.tune_llm = False
+    if training_args.freeze_mm_mlp_adapter:
+        model_args.tune_mm_projector = model_args.tune_audio_projector = False
+    if model_args.freeze_mamba_compressor:
+        model_args.tune_compressor = False
+    if model_args.mm_vision_select_feature not in (None, "patch"):
+        raise ValueError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature!r}: only 'patch' is "
+                         "supported (SigLIP has no CLS token for 'cls_patch')")
+    if data_args.data_folder:
+        if data_args.vid_folder and os.path.abspath(data_args.vid_folder) != os.path.abspath(data_args.data_folder):
+            raise ValueError(f"--data_folder {data_args.data_folder!r} and --vid_folder {data_args.vid_folder!r} "
+                             "name the same folder (the clips' root): pass one of them")
+        data_args.vid_folder = data_args.data_folder
+    for name, reason in PUBLISHED_FIELDS_WITHOUT_EFFECT.items():
+        for args in (model_args, data_args, training_args):
+            if getattr(args, name, None) is not None:
+                logger.warning("--%s has no effect here: %s", name, reason)
+
+
+def check_quantization_flags(training_args: MultimoodTrainingArguments) -> None:
+    """QLoRA switches that cannot work together, refused before any model is loaded."""
+    if training_args.bits not in (4, 8, 16):
+        raise ValueError(f"--bits must be 4, 8 or 16, got {training_args.bits}")
+    if training_args.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"--quant_type must be nf4 or fp4, got {training_args.quant_type!r}")
+    if training_args.bits == 16:
+        return
+    if not training_args.lora_enable:
+        raise ValueError(f"--bits {training_args.bits} freezes the quantized LLM: add --lora_enable True (QLoRA)")
+    if training_args.deepspeed and _zero3_enabled():
+        raise ValueError(f"--bits {training_args.bits} does not work with ZeRO-3 ({training_args.deepspeed}): the "
+                         "LLM is quantized after assembly, which needs whole tensors; use run_scripts/zero2.json")
+    try:
+        import bitsandbytes  # noqa: F401, PLC0415
+    except ImportError as error:
+        raise ImportError(f"--bits {training_args.bits} needs bitsandbytes: pip install 'multimood[qlora]'") from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,6 +699,97 @@ def apply_lora(model, model_args: ModelArguments, training_args: MultimoodTraini
     return model
 
 
+def load_lora_adapter(model, training_args: MultimoodTrainingArguments):
+    """Continue training a saved LoRA adapter (`--lora_weight_path`): its own r, alpha, targets and modules_to_save."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    path = Path(training_args.lora_weight_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--lora_weight_path {path}: no adapter_config.json (a folder saved by a LoRA run)")
+    model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def load_projector_files(model, model_args: ModelArguments) -> None:
+    """`--pretrain_mm_mlp_adapter` / `--pretrain_mm_mlp_adapter_a`: the published per-projector weight files."""
+    inner = model.model
+    for source, prefix, module, what in (
+        (model_args.pretrain_mm_mlp_adapter, "mm_projector.", inner.mm_projector, "video connector"),
+        (model_args.pretrain_mm_mlp_adapter_a, "mm_projector_a.", inner.mm_projector_a, "audio projector"),
+    ):
+        if not source:
+            continue
+        tensors = {k[len(prefix):]: v for k, v in _projector_weights(source).items() if k.startswith(prefix)}
+        if not tensors:
+            raise ValueError(f"{source}: no `{prefix}*` tensors for the {what}")
+        load_into(module, tensors, what)
+
+
+def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
+    """The dtype the quantized layers compute in: that of mixed precision (the published `compute_dtype`)."""
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def _quantized_linear(linear: torch.nn.Linear, training_args: MultimoodTrainingArguments) -> torch.nn.Module:
+    """A bitsandbytes 4-bit or 8-bit copy of `linear`, quantized on the training device."""
+    import bitsandbytes as bnb  # noqa: PLC0415
+
+    has_bias = linear.bias is not None
+    if training_args.bits == 4:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=compute_dtype(training_args), quant_type=training_args.quant_type,
+                                  compress_statistics=training_args.double_quant, device="meta")
+        # bnb's packed CPU inference kernel computes in bf16 (and needs in_features >= its block size): keep one
+        # code path, in the compute dtype, for training and evaluation.
+        layer.support_avx512bf16_for_cpu = False
+        weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=training_args.quant_type,
+                                   compress_statistics=training_args.double_quant, module=layer)
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
+                                    threshold=6.0, device="meta")
+        weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+    layer.weight = weight.to(training_args.device)  # bitsandbytes quantizes when a weight moves to a device
+    if has_bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data.to(training_args.device), requires_grad=False)
+    return layer
+
+
+def quantize_language_model(model, training_args: MultimoodTrainingArguments) -> int:
+    """Replace the LLM's linear layers by bitsandbytes 4-bit / 8-bit layers, in place; returns how many.
+
+    Only `model.model.language_model` (attention and MLP projections): the towers, connector, projectors, compressor,
+    embeddings and LM head keep their dtype, as in the published code (which quantized the LLM it loaded and added
+    the other blocks afterwards).
+    """
+    count = 0
+    for module in list(model.model.language_model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, _quantized_linear(child, training_args))
+                count += 1
+    # peft picks its bitsandbytes LoRA layers, and prepare_model_for_kbit_training its k-bit steps, from these.
+    model.is_loaded_in_4bit = training_args.bits == 4
+    model.is_loaded_in_8bit = training_args.bits == 8
+    return count
+
+
+def prepare_kbit_training(model, training_args: MultimoodTrainingArguments):
+    """QLoRA base: the LLM quantized, then peft's `prepare_model_for_kbit_training` (everything frozen, half-precision
+    parameters upcast to float32, gradient checkpointing); `apply_lora` then makes the adapters and tuned blocks
+    trainable."""
+    from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+
+    count = quantize_language_model(model, training_args)
+    logger.info("quantized %d LLM linear layers to %d-bit (%s)", count, training_args.bits,
+                training_args.quant_type if training_args.bits == 4 else "int8")
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+        gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------
@@ -615,6 +814,195 @@ def save_lora_merged(trainer: Trainer, processor, output_dir: str) -> str | None
     return merged_dir if trainer.args.should_save else None
 
 
+def full_precision_base_state(peft_model) -> dict[str, torch.Tensor]:
+    """The state dict of a peft model's quantized base as a plain float32 model: the bitsandbytes weights dequantized
+    (exactly the weights the adapter was trained on), LoRA layers and modules_to_save copies left out."""
+    import bitsandbytes as bnb  # noqa: PLC0415
+    from peft.utils.integrations import dequantize_bnb_weight  # noqa: PLC0415
+
+    state = {}
+    for module_name, module in peft_model.get_base_model().named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            state[prefix + "weight"] = dequantize_bnb_weight(module.weight, getattr(module, "state", None))
+            if module.bias is not None:
+                state[prefix + "bias"] = module.bias.detach()
+            continue
+        for name, tensor in module.named_parameters(recurse=False):
+            if not isinstance(tensor, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                state[prefix + name] = tensor.detach()
+        for name, tensor in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[prefix + name] = tensor.detach()
+    plain = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
+            continue
+        plain[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = value.float().cpu()
+    return plain
+
+
+def save_qlora_merged(trainer: Trainer, processor, output_dir: str) -> str | None:
+    """QLoRA: the adapter saved in `output_dir` merged into a float32 copy of the dequantized base, to
+    `output_dir/merged` (a full model that loads with trust_remote_code, same logits as the adapter model).
+
+    peft's own `merge_and_unload` would quantize the merged weights again, losing the adapter's update.
+    """
+    from peft import PeftModel  # noqa: PLC0415
+
+    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+
+    if not trainer.args.should_save:
+        return None
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    full = MultimoodForConditionalGeneration._from_config(peft_model.get_base_model().config, dtype=torch.float32)
+    full.load_state_dict(full_precision_base_state(peft_model), strict=True)
+    merged = PeftModel.from_pretrained(full, output_dir).merge_and_unload()
+    merged_dir = os.path.join(output_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)
+    save_pipeline_files(merged_dir)
+    return merged_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer: the projector learning rate and modality-grouped batches
+# ----------------------------------------------------------------------------------------------
+
+PROJECTOR_PARAMETER_KEY = "mm_projector"  # the video connector `mm_projector` and the audio projector `mm_projector_a`
+
+
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that get weight decay: all but biases and the weights of normalisation layers
+    (LayerNorm, RMSNorm, GroupNorm...), the published trainer's rule (`ALL_LAYERNORM_LAYERS` and "bias")."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        names.update(prefix + name for name, _ in module.named_parameters(recurse=False) if "bias" not in name)
+    return names
+
+
+def modality_lengths(dataset) -> list[int]:
+    """Per record, its words (client fragments, therapist answer, chat history, situation), positive when the record
+    has client clips (video and audio) and negative when it is text-only: the published `modality_lengths` convention."""
+    lengths = []
+    for record in dataset:
+        texts = [*record["utt_user_most_recent"], *record["Utterance"], record.get("situation") or "",
+                 record.get("problem_type") or "", *(m["content"] for m in record.get("history_chat") or [])]
+        words = max(1, sum(len(text.split()) for text in texts))
+        lengths.append(words if record.get("path_to_vid_user_most_recent") else -words)
+    return lengths
+
+
+class ModalityLengthGroupedBatchSampler:
+    """Batches that hold one modality only (records with clips, or text-only), grouped by length.
+
+    Each modality's records are shuffled and cut into megabatches of `batch_size * batches_per_megabatch` records (one
+    optimizer step over all ranks and accumulation steps), sorted longest first within a megabatch and cut into
+    batches; the full megabatches of both modalities are shuffled together and each modality's incomplete last
+    megabatch comes at the end. The published sampler merged those two remainders into one mixed megabatch and cut
+    the flat index list into batches, so batches could mix modalities; here every batch is single-modality.
+    The order depends only on `seed` and the epoch (`set_epoch`), the same on every rank.
+    """
+
+    batch_size = None  # batches may be shorter than `per_device_batch_size` (accelerate shards them as they are)
+    drop_last = False
+
+    def __init__(self, lengths: list[int], per_device_batch_size: int, batches_per_megabatch: int = 1, seed: int = 0):
+        if any(length == 0 for length in lengths):
+            raise ValueError("modality lengths must be non-zero (positive: with clips, negative: text-only)")
+        self.lengths = list(lengths)
+        self.per_device_batch_size = per_device_batch_size
+        self.megabatch_size = per_device_batch_size * max(1, batches_per_megabatch)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _groups(self) -> list[list[int]]:
+        return [group for group in ([i for i, n in enumerate(self.lengths) if n > 0],
+                                    [i for i, n in enumerate(self.lengths) if n < 0]) if group]
+
+    def __len__(self) -> int:
+        total = 0
+        for group in self._groups():
+            full, rest = divmod(len(group), self.megabatch_size)
+            total += full * (self.megabatch_size // self.per_device_batch_size) + -(-rest // self.per_device_batch_size)
+        return total
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        full, remainders = [], []
+        for group in self._groups():
+            shuffled = [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+            for start in range(0, len(shuffled), self.megabatch_size):
+                megabatch = sorted(shuffled[start:start + self.megabatch_size], key=lambda i: -abs(self.lengths[i]))
+                cut = [megabatch[j:j + self.per_device_batch_size]
+                       for j in range(0, len(megabatch), self.per_device_batch_size)]
+                (full if len(megabatch) == self.megabatch_size else remainders).append(cut)
+        order = torch.randperm(len(full), generator=generator).tolist()
+        return [batch for megabatch in [full[k] for k in order] + remainders for batch in megabatch]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+
+class MultimoodTrainer(Trainer):
+    """`Trainer` with the published optimizer groups (`--mm_projector_lr`) and modality-grouped batches
+    (`--group_by_modality_length`)."""
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return sorted(decay_parameter_names(model))
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """With `--mm_projector_lr`: the connector and audio projector in their own groups (with and without decay)."""
+        if self.args.mm_projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for projector in (False, True):
+            for decays in (True, False):
+                params = [p for n, p in opt_model.named_parameters()
+                          if p.requires_grad and (n in decay) == decays and (PROJECTOR_PARAMETER_KEY in n) == projector]
+                if params:
+                    group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                    if projector:
+                        group["lr"] = self.args.mm_projector_lr
+                    groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.args.group_by_modality_length:
+            return super().get_train_dataloader()
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        batch_sampler = ModalityLengthGroupedBatchSampler(
+            modality_lengths(self.train_dataset),
+            per_device_batch_size=self._train_batch_size,
+            batches_per_megabatch=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index),
+        )
+        return self.accelerator.prepare(loader)
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
@@ -633,9 +1021,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
     if push:
         check_hub_reachable(repo_id)
+    check_quantization_flags(training_args)
     model, processor = build_model_and_processor(model_args, data_args, training_args)
+    load_projector_files(model, model_args)
+    if training_args.bits in (4, 8):
+        model = prepare_kbit_training(model, training_args)
     if training_args.lora_enable:
-        model = apply_lora(model, model_args, training_args)
+        if training_args.lora_weight_path:
+            model = load_lora_adapter(model, training_args)
+        else:
+            model = apply_lora(model, model_args, training_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -649,7 +1044,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     eval_dataset = screen.dataset(eval_dataset, data_args.eval_data_path) if eval_dataset is not None else None
     collator = screen.collator(MultimoodDataCollator(processor, video_folder=video_folder, with_target=True))
 
-    trainer = Trainer(
+    trainer = MultimoodTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -676,7 +1071,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
             save_pipeline_files(training_args.output_dir)
     merged_dir = None
     if training_args.lora_enable and training_args.merge_lora:
-        merged_dir = save_lora_merged(trainer, processor, training_args.output_dir)
+        save_merged = save_qlora_merged if training_args.bits in (4, 8) else save_lora_merged
+        merged_dir = save_merged(trainer, processor, training_args.output_dir)
     if push and trainer.args.should_save:
         if training_args.lora_enable and merged_dir is None:
             raise ValueError("--push_to_hub with LoRA needs the merged model (--merge_lora True)")
