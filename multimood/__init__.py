@@ -5,6 +5,8 @@ classes, and marks them for `register_for_auto_class` so that `save_pretrained` 
 and copies the remote-code files.
 """
 
+import logging
+
 from transformers import (
     AutoConfig,
     AutoFeatureExtractor,
@@ -24,6 +26,11 @@ from .processing_multimood import MultimoodDataCollator, MultimoodProcessor, par
 from .video_processing_multimood import MultimoodVideoProcessor
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft and trl when installed) warns at import that it cannot fetch an optional CPU
+# kernel from the Hub, which never works offline; its built-in kernel is used, so the line only confuses users
+# of every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 AutoConfig.register(MultimoodConfig.model_type, MultimoodConfig, exist_ok=True)
 AutoConfig.register(BeatsConfig.model_type, BeatsConfig, exist_ok=True)
