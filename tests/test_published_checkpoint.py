@@ -41,6 +41,12 @@ def converted(tmp_path_factory, golden: Path, shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def model(converted: Path) -> MultimoodForConditionalGeneration:
+    """The converted model as `from_pretrained` gives it (its saved profile: no memory injection)."""
+    return MultimoodForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def inputs(golden: Path) -> dict[str, torch.Tensor]:
     return load_file(str(golden / "inputs.safetensors"))
 
@@ -64,9 +70,8 @@ def published_max_diff(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return (logits[..., :PUBLISHED_VOCAB] - reference).abs().max().item()
 
 
-def test_converted_logits_equal_the_published_forward(converted: Path, inputs, expected):
+def test_converted_logits_equal_the_published_forward(model, inputs, expected):
     """Main case: what the published inference does for `--modal-type av` (8 video + 1496 audio tokens at -201)."""
-    model = MultimoodForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
     config = model.config
     video = [config.video_token_id] * config.num_video_tokens(4, 56, 56)
     audio = [config.audio_token_id] * config.num_audio_tokens(inputs["fbank"].shape[1])
@@ -111,7 +116,7 @@ def test_converted_history_case_with_memory_injection(converted: Path, inputs, e
     assert published_max_diff(logits, expected["history_case_logits"]) <= TOLERANCE
 
 
-def test_converted_folder_carries_the_published_profile(converted: Path, inputs):
+def test_converted_folder_carries_the_published_profile(converted: Path, model):
     processor_config = json.loads((converted / "processor_config.json").read_text(encoding="utf-8"))
     assert processor_config["prompt_style"] == "published-eval"
     assert processor_config["feature_extractor"]["audio_window_rule"] == "pytorchvideo-0.1.5"
@@ -123,7 +128,7 @@ def test_converted_folder_carries_the_published_profile(converted: Path, inputs)
     assert report["profile"]["processor.prompt_style"] == "published-eval"
 
     # memory injection off: history inputs are ignored (as the published model drops its memory) ...
-    model = MultimoodForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
+    assert model.config.inject_history_memory is False
     ids = torch.tensor([[5, 6, 7, 8]])
     history = torch.tensor([[5, 6, model.config.mem_token_id]])
     with torch.no_grad():
