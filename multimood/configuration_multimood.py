@@ -58,6 +58,10 @@ class BeatsConfig(PreTrainedConfig):
     patch embedding of the 128-bin filterbank, 12 deep-norm post-LN layers with gated relative
     position bias shared by all layers, and a convolutional positional embedding. The checkpoint's
     AudioSet classifier (`predictor`) is not part of the encoder: MultiMood never uses it.
+
+    `encoder_layerdrop` defaults to 0: the frozen tower gives the same features in training as at inference. The
+    published training ran it with BEATs' default 0.05 while the tower, frozen, stayed in train mode (each layer
+    skipped with probability 0.05 per forward pass); `encoder_layerdrop=0.05` reproduces that (see docs/fidelity.md).
     """
 
     model_type = "multimood_beats"
@@ -105,6 +109,15 @@ class MultimoodConfig(PreTrainedConfig):
     (BEATs), `compressor_config` (Mamba or Mamba2; `None` disables the history compressor).
     Token counts of each modality are pure functions of this config and the processed shapes:
     see `num_video_tokens` and `num_audio_tokens`.
+
+    Settings where MultiMood's default differs from the published code (docs/fidelity.md lists them all):
+
+    * `inject_history_memory` (default True): the compressor's memory tokens replace the `<history>` placeholders.
+      The published model computed them but never injected them (its prompts hold `<history>` as plain text), so
+      converted published checkpoints set it False: history inputs are then ignored and `<history>` placeholders
+      in `input_ids` are an error.
+    * `video_frame_pooling` (`mlp2x_gelu` only; default `"none"`): every patch of every frame is a token. The
+      published `temporal_aggregator` averages the frames first (`"mean"`: one frame's worth of tokens).
     """
 
     model_type = "multimood"
@@ -131,6 +144,7 @@ class MultimoodConfig(PreTrainedConfig):
     connector_downsample: list[int] | tuple[int, int, int] = (2, 2, 2)
     connector_depth: int = 4
     connector_mlp_depth: int = 2
+    video_frame_pooling: Literal["none", "mean"] = "none"
     mm_projector_a_type: Literal["linear", "mlp2x_gelu"] = "linear"
     mm_vision_select_layer: int = -2
     num_frames: int = 16
@@ -143,6 +157,7 @@ class MultimoodConfig(PreTrainedConfig):
     audio_sampling_rate: int = 16000
     history_max_tokens: int = 512
     max_memory_slots: int | None = None
+    inject_history_memory: bool = True
     freeze_vision_tower: bool = True
     freeze_audio_tower: bool = True
 
@@ -158,6 +173,10 @@ class MultimoodConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         if self.mm_projector_type not in ("stc_connector_v35", "mlp2x_gelu"):
             raise ValueError(f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}")
+        if self.video_frame_pooling not in ("none", "mean"):
+            raise ValueError(f"video_frame_pooling must be 'none' or 'mean', got {self.video_frame_pooling!r}")
+        if self.video_frame_pooling == "mean" and self.mm_projector_type != "mlp2x_gelu":
+            raise ValueError("video_frame_pooling='mean' applies to mm_projector_type='mlp2x_gelu' only")
         if self.mm_projector_a_type not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"mm_projector_a_type must be 'linear' or 'mlp2x_gelu', got {self.mm_projector_a_type!r}")
         if self.compressor_config is not None and self.compressor_config.model_type not in ("mamba", "mamba2"):
@@ -188,7 +207,7 @@ class MultimoodConfig(PreTrainedConfig):
         rows = (self.image_size if height is None else height) // patch
         cols = (self.image_size if width is None else width) // patch
         if self.mm_projector_type == "mlp2x_gelu":
-            return num_frames * rows * cols
+            return (1 if self.video_frame_pooling == "mean" else num_frames) * rows * cols
         time_stride, row_stride, col_stride = self.connector_downsample
         return (num_frames // time_stride) * (rows // row_stride) * (cols // col_stride)
 

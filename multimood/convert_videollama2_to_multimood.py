@@ -2,6 +2,7 @@
 
     multimood convert PUBLISHED_DIR OUT_DIR [--tokenizer DIR] [--vision_tower DIR] [--audio_tower FILE]
                       [--mamba_compressor DIR] [--dtype auto|float32|bfloat16|float16]
+                      [--prompt_style published-eval|published-train|multimood]
                       [--config_overrides JSON] [--strict] [--overwrite] [--verify]
     multimood convert --to-published MULTIMOOD_DIR OUT_DIR
 
@@ -28,6 +29,16 @@ to layer 0's), the SigLIP attention-pooling head, recomputed rotary buffers, and
 with tied embeddings. Unknown tensors are reported too (`--strict` makes them an error). The list goes
 to the log and to `conversion_report.json` in the output folder. A tensor the model needs and no source
 provides is an error that names it.
+
+The published profile: the output folder reproduces the published system, not only its weights, so
+`multimood predict` + `multimood evaluate` on it is the paper's protocol with no extra flags. It gets the
+processor setting `prompt_style` (default `"published-eval"`, the prompt of the published evaluation;
+`--prompt_style` chooses another), the published audio window rule (`audio_window_rule="pytorchvideo-0.1.5"`),
+`inject_history_memory=False` (the published LLM never received the compressor's memory tokens; True only with
+`--prompt_style multimood`, whose prompts hold `<history>` placeholders), BEATs `encoder_layerdrop=0.05` (the
+published training value; inference is unaffected) and, for an `mlp2x_gelu` video projector, the published frame
+averaging (`video_frame_pooling="mean"`). `--config_overrides` is applied after the profile. The values written
+are listed under `profile` in `conversion_report.json`; docs/fidelity.md explains each.
 
 Vocabulary: the processor is built from `--tokenizer` (or the checkpoint folder when it holds a tokenizer)
 with `MultimoodProcessor.from_tokenizer`; its `<video> <audio> <history> <MEM>` ids go into the config.
@@ -87,6 +98,11 @@ SIGLIP_HEADS_BY_WIDTH = {768: 12, 1024: 16, 1152: 16}
 # The published code's fallbacks when its config lacks a value (framework/constants.py, train.py).
 PUBLISHED_DEFAULT_NUM_FRAMES = 8
 PUBLISHED_DEFAULT_ASPECT_RATIO = "square"
+# The published BEATsConfig default, in effect in published training (the frozen tower stays in train mode).
+PUBLISHED_BEATS_LAYERDROP = 0.05
+PUBLISHED_AUDIO_WINDOW_RULE = "pytorchvideo-0.1.5"
+PROMPT_STYLES = ("published-eval", "published-train", "multimood")
+PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 BEATS_WEIGHT_NORM = {
     "encoder.pos_conv.0.weight_g": "encoder.pos_conv.0.parametrizations.weight.original0",
@@ -125,6 +141,7 @@ class ConversionReport:
     inferred: dict[str, Any] = field(default_factory=dict)  # config values read off tensor shapes
     assumed: dict[str, Any] = field(default_factory=dict)  # config values neither given nor inferable
     special_tokens: dict[str, int] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # published behaviours written into the folder
     dtype: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -155,6 +172,7 @@ class ConversionReport:
                 "assumed": self.assumed,
             },
             "special_tokens": self.special_tokens,
+            "profile": self.profile,
             "dtype": self.dtype,
             "notes": self.notes,
         }
@@ -691,6 +709,8 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
     report.inferred["audio_config"] = inferred
     if assumed:
         report.assumed["audio_config"] = assumed
+    audio_config.setdefault("encoder_layerdrop", PUBLISHED_BEATS_LAYERDROP)
+    report.profile["audio_config.encoder_layerdrop"] = audio_config["encoder_layerdrop"]
     return audio_state, source_keys, audio_config
 
 
@@ -766,9 +786,14 @@ def _media_settings(groups: _Groups, published: dict, report: ConversionReport) 
         report.assumed["image_aspect_ratio"] = aspect
     if aspect != "pad":
         report.notes.append(f"image_aspect_ratio {aspect!r}: frames are resized without padding (image_aspect_ratio='none')")
+    pooling = {}
+    if video_type == "mlp2x_gelu":  # the published temporal_aggregator averages the frames before this projector
+        pooling = {"video_frame_pooling": "mean"}
+        report.profile["video_frame_pooling"] = "mean"
     return {
         "mm_projector_type": video_type,
         **connector,
+        **pooling,
         "mm_projector_a_type": audio_type,
         "mm_vision_select_layer": int(published.get("mm_vision_select_layer", -2)),
         "num_frames": num_frames,
@@ -873,14 +898,19 @@ def convert(
     strict: bool = False,
     overwrite: bool = False,
     verify: bool = False,
+    prompt_style: str = "published-eval",
 ) -> ConversionReport:
     """Convert the published checkpoint folder `source` into the multimood folder `output` (see the module doc).
+
+    The folder gets the published profile (module doc) with the processor's `prompt_style` set to `prompt_style`.
 
     The model is assembled on the meta device and takes the (memory-mapped) checkpoint tensors as they are
     (`load_state_dict(assign=True)`), so a 7B checkpoint is converted without a second copy in memory."""
     from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
     from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
 
+    if prompt_style not in PROMPT_STYLES:
+        raise ConversionError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
     source, output = Path(source).expanduser(), Path(output).expanduser()
     _check_output(output, overwrite)
     report = ConversionReport(source=str(source), output=str(output))
@@ -913,8 +943,15 @@ def convert(
         "compressor_config": compressor_config,
         **_media_settings(groups, published, report),
         "image_size": int(vision_config["image_size"]),
+        "inject_history_memory": prompt_style == "multimood",
         **ids,
     }
+    report.profile["inject_history_memory"] = kwargs["inject_history_memory"]
+    if prompt_style == "multimood":
+        report.notes.append(
+            "--prompt_style multimood: memory tokens are injected at the <history> placeholders of its prompts, "
+            "which the published LLM never received"
+        )
     if config_overrides:
         kwargs = _merge_overrides(kwargs, config_overrides)
         report.notes.append(f"config overrides applied: {json.dumps(config_overrides, default=str)}")
@@ -946,7 +983,7 @@ def convert(
         shutil.rmtree(output)  # only now: a failed conversion leaves an existing output alone
     output.mkdir(parents=True)
     model.save_pretrained(output)
-    processor.save_pretrained(output)
+    _save_published_processor(processor, output, prompt_style, report)
     _save_pipeline_files(output)
     del model
     if verify:
@@ -954,6 +991,24 @@ def convert(
     report.write(output)
     report.log()
     return report
+
+
+def _save_published_processor(processor, output: Path, prompt_style: str, report: ConversionReport) -> None:
+    """Save the processor with the published prompt style and audio window rule.
+
+    `prompt_style` is written into `processor_config.json` whatever this processor version does with it, so the
+    folder states the protocol it was converted for."""
+    if processor.feature_extractor is not None:
+        processor.feature_extractor.audio_window_rule = PUBLISHED_AUDIO_WINDOW_RULE
+        report.profile["feature_extractor.audio_window_rule"] = PUBLISHED_AUDIO_WINDOW_RULE
+    processor.prompt_style = prompt_style
+    processor.save_pretrained(output)
+    path = output / PROCESSOR_CONFIG_NAME
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("prompt_style") != prompt_style:
+        saved["prompt_style"] = prompt_style
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    report.profile["processor.prompt_style"] = prompt_style
 
 
 def _save_pipeline_files(output: Path) -> None:
@@ -1123,6 +1178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Mamba / Mamba2 config folder of the history compressor (default: read off the tensors)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (auto: the checkpoint's dominant dtype)")
+    parser.add_argument("--prompt_style", "--prompt-style", default="published-eval", choices=PROMPT_STYLES,
+                        help="prompt style written into the processor (default: published-eval, the prompt of the "
+                             "published evaluation; see docs/fidelity.md)")
     parser.add_argument("--config_overrides", "--config-overrides",
                         help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"num_frames\": 16}'")
     parser.add_argument("--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them")
@@ -1152,7 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.source, args.output, tokenizer=args.tokenizer, vision_tower=args.vision_tower,
                 audio_tower=args.audio_tower, mamba_compressor=args.mamba_compressor, dtype=args.dtype,
                 config_overrides=_read_json_arg(args.config_overrides), strict=args.strict,
-                overwrite=args.overwrite, verify=args.verify,
+                overwrite=args.overwrite, verify=args.verify, prompt_style=args.prompt_style,
             )
     except ConversionError as error:
         print(f"multimood convert: error: {error}", file=sys.stderr)

@@ -1,9 +1,13 @@
 """Audio feature extractor for MultiMood: 8 two-second windows of the clips' audio timeline to a Kaldi filterbank.
 
-Reproduces the published audio path (16 kHz mono PCM as the ffmpeg CLI gives it; 8 windows of 2 s spread over the
-timeline; zero-padded to 30 s; scaled by 2**15; 128-bin Kaldi fbank) with PyAV and the numpy filterbank of
-`transformers.audio_utils`, so neither torchaudio nor an ffmpeg process is needed. The features are the raw
-filterbank: the BEATs audio tower normalises them itself.
+Reproduces the published audio path (`process_audio_from_video` of MultiMood / VideoLLaMA 2.1-AV: 16 kHz mono PCM
+as the ffmpeg CLI gives it; 8 windows of 2 s placed by pytorchvideo 0.1.5's `ConstantClipsPerVideoSampler`;
+zero-padded to 30 s; scaled by 2**15; 128-bin Kaldi fbank) with PyAV and the numpy filterbank of
+`transformers.audio_utils`, so neither torchaudio, pytorchvideo nor an ffmpeg process is needed. The window
+boundaries equal the published ones sample for sample, and the filterbanks equal those of the published code within
+float32 / decoder rounding (tests/test_feature_extraction.py, against filterbanks computed by the published code).
+Where this differs from the published code (several clips, clips without audio) is listed in docs/fidelity.md.
+The features are the raw filterbank: the BEATs audio tower normalises them itself.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,10 @@ FFT_LENGTH = 512
 PREEMPHASIS = 0.97
 MEL_FLOOR = 1.192092955078125e-07  # float32 epsilon, Kaldi's floor
 
+# "pytorchvideo-0.1.5": the published rule (see `MultimoodFeatureExtractor`); "even": windows spread over the whole
+# timeline, the last one ending at its end.
+AUDIO_WINDOW_RULES = ("pytorchvideo-0.1.5", "even")
+
 AudioInput = Sequence[str | os.PathLike] | str | os.PathLike | np.ndarray | torch.Tensor
 
 
@@ -34,12 +43,24 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
     r"""
     Constructs the MultiMood audio feature extractor.
 
-    Each sample is one of: a list of clip names (the audio tracks of its last `num_k_vid` clips, joined end to end;
-    a clip without audio contributes silence of its duration), the path of any audio or video file, or a 1-D
-    waveform (then `sampling_rate` is required). From the waveform of duration D it takes `num_windows` windows of
-    `window_seconds`, window i starting at i * max(D - window_seconds, 0) / (num_windows - 1) seconds, joins them,
-    zero-pads to `max_seconds`, scales by 2**15 and computes a `feature_size`-bin Kaldi filterbank (25 ms frames,
-    10 ms hop, povey window, pre-emphasis 0.97, DC removal).
+    Each sample is one of: a list of clip names (the audio tracks of its last `num_k_vid` clips, each decoded on its
+    own and joined end to end; a clip without audio contributes silence of its duration; when no clip has audio the
+    timeline is `max_seconds` of zeros, the published fallback), the path of any audio or video file, or a 1-D
+    waveform (then `sampling_rate` is required). From the timeline of S samples (D = S / sampling_rate seconds) it
+    takes `num_windows` windows of `window_seconds` placed by `audio_window_rule`, joins them, zero-pads to
+    `max_seconds`, scales by 2**15 and computes a `feature_size`-bin Kaldi filterbank (25 ms frames, 10 ms hop,
+    povey window, pre-emphasis 0.97, DC removal).
+
+    Window rules (`window_bounds` gives the sample boundaries, `window_spans` the seconds):
+
+    * `"pytorchvideo-0.1.5"` (default, the published rule): pytorchvideo 0.1.5's
+      `ConstantClipsPerVideoSampler(window_seconds, num_windows)`. Window i starts at i * max(D - window_seconds, 0)
+      / num_windows seconds, computed exactly (`Fraction` of the float D - window_seconds), and covers samples
+      [int(start * rate), int((start + window_seconds) * rate)). The last window ends before D, so the last
+      (D - window_seconds) / num_windows seconds are never heard; a timeline shorter than one window gives
+      `num_windows` copies of the whole timeline.
+    * `"even"`: window i starts at i * max(D - window_seconds, 0) / (num_windows - 1), so the windows span the whole
+      timeline and the last one ends at its end (the client's latest words). Not the published rule.
 
     Args:
         feature_size (`int`, *optional*, defaults to 128): number of mel bins.
@@ -49,6 +70,8 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         max_seconds (`float`, *optional*, defaults to 30.0): length the joined windows are cut or zero-padded to.
         patch_size (`int`, *optional*, defaults to 16): patch size of the audio tower, used to count audio tokens.
         num_k_vid (`int`, *optional*, defaults to 5): only the last `num_k_vid` clips of a list are used, as for video.
+        audio_window_rule (`str`, *optional*, defaults to `"pytorchvideo-0.1.5"`): where the windows are placed on
+            the timeline, `"pytorchvideo-0.1.5"` (published) or `"even"` (see above).
         decode_threads (`int`, *optional*): threads for decoding clips; defaults to `torch.get_num_threads()`.
     """
 
@@ -63,6 +86,7 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         max_seconds: float = 30.0,
         patch_size: int = 16,
         num_k_vid: int = 5,
+        audio_window_rule: str = "pytorchvideo-0.1.5",
         decode_threads: int | None = None,
         padding_value: float = 0.0,
         return_attention_mask: bool = False,
@@ -80,6 +104,9 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         self.max_seconds = max_seconds
         self.patch_size = patch_size
         self.num_k_vid = num_k_vid
+        if audio_window_rule not in AUDIO_WINDOW_RULES:
+            raise ValueError(f"audio_window_rule must be one of {AUDIO_WINDOW_RULES}, got {audio_window_rule!r}")
+        self.audio_window_rule = audio_window_rule
         self.decode_threads = decode_threads
         with warnings.catch_warnings():
             # Kaldi's 128-bin bank at 16 kHz has empty low filters too; the warning is expected.
@@ -144,10 +171,15 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
             if isinstance(source, np.ndarray):
                 waveforms.append(source)
                 present.append(True)
-            else:  # the clips' tracks end to end; a clip without audio is silence of its duration
-                parts = [tracks[path] for path in source]
+                continue
+            # the clips' tracks end to end; a clip without audio is silence of its duration
+            parts = [tracks[path] for path in source]
+            has_audio = any(has_audio for _, has_audio in parts)
+            if has_audio:
                 waveforms.append(np.concatenate([samples for samples, _ in parts]))
-                present.append(any(has_audio for _, has_audio in parts))
+            else:  # the published fallback when the audio cannot be read: max_seconds of zeros
+                waveforms.append(np.zeros(int(self.max_seconds * self.sampling_rate), np.float32))
+            present.append(has_audio)
 
         features = self._fbank([self._windows(waveform) for waveform in waveforms])
         data = {"input_features": features, "audio_present": np.asarray(present, dtype=bool)}
@@ -183,19 +215,36 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(f"record {record_id}: expected a 1-D (mono) waveform, got shape {waveform.shape}")
         return resample_waveform(waveform, sampling_rate, self.sampling_rate)
 
+    def _window_starts(self, duration: float) -> list[Fraction] | list[float]:
+        """Start (seconds) of each window on a timeline of `duration` seconds, by `audio_window_rule`."""
+        room = max(duration - float(self.window_seconds), 0)
+        if self.audio_window_rule == "pytorchvideo-0.1.5":
+            # pytorchvideo 0.1.5 ConstantClipsPerVideoSampler: Fraction(max(D - clip, 0)) / clips * i, exact
+            step = Fraction(room) / self.num_windows
+            return [step * i for i in range(self.num_windows)]
+        step = room / max(self.num_windows - 1, 1)
+        return [i * step for i in range(self.num_windows)]
+
     def window_spans(self, duration: float) -> list[tuple[float, float]]:
         """(start, end) seconds of the windows taken from a timeline of `duration` seconds (ends may pass it)."""
-        step = max(duration - self.window_seconds, 0) / max(self.num_windows - 1, 1)
-        return [(i * step, i * step + self.window_seconds) for i in range(self.num_windows)]
+        return [
+            (float(start), float(start + self.window_seconds)) for start in self._window_starts(duration)
+        ]
+
+    def window_bounds(self, num_samples: int) -> list[tuple[int, int]]:
+        """[start, end) sample indices of the windows of a `num_samples`-sample timeline (ends may pass it):
+        int() truncation of start * rate and (start + window_seconds) * rate, as the published slicing does."""
+        rate = self.sampling_rate
+        window = Fraction(self.window_seconds) if self.audio_window_rule == "pytorchvideo-0.1.5" else self.window_seconds
+        return [
+            (int(start * rate), int((start + window) * rate)) for start in self._window_starts(num_samples / rate)
+        ]
 
     def _windows(self, waveform: np.ndarray) -> np.ndarray:
-        """The published window selection, same arithmetic, so the sample boundaries are identical."""
-        rate = self.sampling_rate
-        parts = [
-            waveform[int(start * rate) : int(end * rate)]
-            for start, end in self.window_spans(waveform.shape[0] / rate)
-        ]
-        total = int(self.max_seconds * rate)
+        """The windows of `waveform` joined, cut or zero-padded to `max_seconds`. Joined windows longer than that
+        are cut at the end (the published code would crop at a random offset; 8 x 2 s never reach 30 s)."""
+        parts = [waveform[start:end] for start, end in self.window_bounds(waveform.shape[0])]
+        total = int(self.max_seconds * self.sampling_rate)
         joined = np.concatenate(parts)[:total]
         return np.pad(joined, (0, total - len(joined)))
 

@@ -20,9 +20,12 @@ from timm.models.regnet import RegStage
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .configuration_multimood import MultimoodConfig
 from .modeling_beats import BeatsModel
+
+logger = logging.get_logger(__name__)
 
 
 def build_mlp(depth: int, in_features: int, out_features: int) -> nn.Sequential:
@@ -72,13 +75,18 @@ class MultimoodSTCConnector(nn.Module):
 
 
 class MultimoodMLPConnector(nn.Module):
-    """Plain `mlp2x_gelu` video projector: every patch of every frame becomes one token."""
+    """Plain `mlp2x_gelu` video projector: every patch of every frame becomes one token, or, with
+    `video_frame_pooling="mean"` (the published `temporal_aggregator`), every patch of the frames' average."""
 
     def __init__(self, config: MultimoodConfig):
         super().__init__()
+        self.frame_pooling = config.video_frame_pooling
         self.readout = build_mlp(2, config.vision_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(videos, frames, patches, channels) -> (videos, tokens, width)."""
+        if self.frame_pooling == "mean":
+            return self.readout(features.mean(1))
         return self.readout(features.flatten(1, 2))
 
 
@@ -86,7 +94,8 @@ class MultimoodHistoryCompressor(nn.Module):
     """Mamba over the history tokens; its hidden states at the `<MEM>` positions become memory tokens.
 
     The memory tokens are projected to the LLM width and scattered into the `<history>` placeholders,
-    so they reach the LLM and receive gradient (the published code computed them and dropped them).
+    so they reach the LLM and receive gradient. The published code computed them and dropped them: with
+    `config.inject_history_memory=False` (converted published checkpoints) the model does not run the compressor.
     """
 
     def __init__(self, config: MultimoodConfig):
@@ -286,6 +295,12 @@ class MultimoodModel(MultimoodPreTrainedModel):
             raise ValueError("Media inputs need input_ids: their placeholder tokens say where the features go")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if history_input_ids is not None and not self.config.inject_history_memory:
+            logger.warning_once(
+                "history_input_ids are ignored: config.inject_history_memory is False (as in the published model, "
+                "whose memory tokens never reached the LLM)"
+            )
+            history_input_ids = history_attention_mask = None
 
         video_features = audio_features = history_features = None
         if pixel_values_videos is not None:
@@ -310,6 +325,13 @@ class MultimoodModel(MultimoodPreTrainedModel):
 
         cache = kwargs.get("cache")
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            if not self.config.inject_history_memory and (input_ids == self.config.history_token_id).any():
+                raise ValueError(
+                    f"input_ids hold <history> placeholders (id {self.config.history_token_id}) but "
+                    "config.inject_history_memory is False (a converted published model: its prompts keep "
+                    "'<history>' as plain text). Build the prompt with a published prompt_style, or set "
+                    "inject_history_memory=True"
+                )
             # Placeholders without their inputs would silently feed placeholder embeddings to the LLM.
             for inputs, token_id, modality in (
                 (pixel_values_videos, self.config.video_token_id, "video"),

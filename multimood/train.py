@@ -459,6 +459,7 @@ def sync_processor_with_config(processor, config) -> None:
         "patch_size": config.vision_config.patch_size,
         "connector_downsample": tuple(config.connector_downsample),
         "projector_type": config.mm_projector_type,
+        "frame_pooling": config.video_frame_pooling,
     }
     for name, value in values.items():
         if hasattr(video, name):

@@ -47,6 +47,9 @@ class MultimoodVideoProcessorKwargs(VideosKwargs, total=False):
         Temporal, height and width stride of the video connector's sampler, used to count video tokens.
     projector_type (`str`, *optional*, defaults to `"stc_connector_v35"`):
         Video connector type, used to count video tokens.
+    frame_pooling (`str`, *optional*, defaults to `"none"`):
+        `"mean"` when an `mlp2x_gelu` connector averages the frames first (the model's `video_frame_pooling`), used
+        to count video tokens.
     decode_mode (`str`, *optional*, defaults to `"exact"`):
         `"exact"` decodes exactly the frames the published path uses. `"keyframe"` is APPROXIMATE: it takes the
         keyframe nearest to each sampled frame and resizes with libswscale, much faster but not the same pixels.
@@ -59,6 +62,7 @@ class MultimoodVideoProcessorKwargs(VideosKwargs, total=False):
     patch_size: int
     connector_downsample: tuple[int, int, int] | list[int]
     projector_type: str
+    frame_pooling: Literal["none", "mean"]
     decode_mode: Literal["exact", "keyframe"]
     decode_threads: int | None
 
@@ -86,6 +90,7 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
     patch_size = 14
     connector_downsample = (2, 2, 2)
     projector_type = "stc_connector_v35"
+    frame_pooling = "none"
     decode_mode = "exact"
     decode_threads = None
 
@@ -185,7 +190,7 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
             stride_t, stride_h, stride_w = self.connector_downsample
             return (num_frames // stride_t) * (grid_height // stride_h) * (grid_width // stride_w)
         if self.projector_type in ("linear", "mlp2x_gelu"):
-            return num_frames * grid_height * grid_width
+            return (1 if self.frame_pooling == "mean" else num_frames) * grid_height * grid_width
         raise ValueError(f"unknown projector_type {self.projector_type!r}")
 
     def _call_settings(self, **overrides) -> dict:

@@ -1,9 +1,12 @@
-"""`multimood convert`: a synthetic checkpoint in the published VideoLLaMA 2 / MultiMood layout (tiny sizes,
-published key names, `.bin` shards with an index) converts into a multimood folder whose tensors equal the
-sources and whose forward equals the model the checkpoint was made from; every source key is converted or
-reported; missing tensors and towers are errors that name them; `--to-published` goes back.
+"""`multimood convert` on layouts the published golden lacks: a synthetic checkpoint in the published
+VideoLLaMA 2 / MultiMood layout (tiny sizes, published key names, `.bin` shards with an index, a tied head, unknown
+and missing tensors, towers in their own files, the VideoLLaMA2.1-AV mlp2x_gelu layout) converts into a multimood
+folder whose tensors equal the sources; every source key is converted or reported; missing tensors and towers are
+errors that name them; `--to-published` goes back.
 
-The published names are written out here by hand (independently of the converter's own mapping).
+The converter's forward oracle is tests/test_published_checkpoint.py: a checkpoint built and run by the published
+classes. Here the published names are written out by hand (independently of the converter's own mapping), and the
+forward is compared with the model the synthetic checkpoint was made from.
 """
 
 from __future__ import annotations
@@ -202,8 +205,9 @@ def test_converted_tensors_equal_the_sources(published):
 
 
 def test_converted_forward_equals_the_reference(published):
+    """Tied-head, sharded layout; memory injection switched on (a converted folder has it off) to cover the compressor."""
     reference, *_, out, _ = published
-    converted = MultimoodForConditionalGeneration.from_pretrained(out).eval()
+    converted = MultimoodForConditionalGeneration.from_pretrained(out, inject_history_memory=True).eval()
     batch = multimodal_batch(reference.config, [{"text": 6, "video": True, "audio": True, "history": 2}, {"text": 9}])
     with torch.no_grad():
         expected = reference(**batch).logits
@@ -252,7 +256,7 @@ def test_towers_from_their_own_files(published, tmp_path, tokenizer):
                      audio_tower=tmp_path / "BEATs.pt")
     assert report.other_sources == {"vision_tower": str(siglip), "audio_tower": str(tmp_path / "BEATs.pt")}
     assert "BEATs.pt:predictor.weight" in report.other_sources_unused
-    converted = MultimoodForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    converted = MultimoodForConditionalGeneration.from_pretrained(tmp_path / "out", inject_history_memory=True).eval()
     batch = multimodal_batch(model.config, [{"text": 5, "video": True, "audio": True, "history": 1}])
     with torch.no_grad():
         torch.testing.assert_close(converted(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
@@ -286,6 +290,11 @@ def test_videollama2_av_layout(tmp_path, tokenizer):
     assert loaded.dtype == torch.bfloat16
     assert loaded.config.mm_projector_type == "mlp2x_gelu" and loaded.config.compressor_config is None
     assert not loaded.config.tie_word_embeddings
+    # the published temporal_aggregator averages the frames before an mlp2x_gelu projector: one frame of tokens
+    assert loaded.config.video_frame_pooling == "mean" and report.profile["video_frame_pooling"] == "mean"
+    assert loaded.config.num_video_tokens() == (56 // 14) ** 2
+    processor_config = json.loads((tmp_path / "out" / "processor_config.json").read_text())
+    assert processor_config["video_processor"]["frame_pooling"] == "mean"  # its token count follows the model
 
 
 def test_round_trip_to_published(published, tmp_path):

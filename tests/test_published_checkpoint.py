@@ -1,0 +1,153 @@
+"""The converter's oracle: a tiny checkpoint built, saved and run by the PUBLISHED classes.
+
+`golden/published/tiny_published_checkpoint/` holds a `Videollama2Qwen2ForCausalLM` of the published code (random
+weights, `pytorch_model.bin` + `config.json` as the published training saves them), the inputs it was called with
+and its float32 logits. `multimood convert` on that folder, then our model on the same inputs (each published
+sentinel replaced by our placeholder block), must give the same logits. The folder must also carry the published
+profile (prompt style, audio window rule, no memory injection, BEATs layer drop).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multimood import MultimoodForConditionalGeneration
+from multimood.convert_videollama2_to_multimood import REPORT_NAME, convert, main
+
+GOLDEN = "golden/published/tiny_published_checkpoint"
+VIDEO_SENTINEL, HISTORY_SENTINEL = -201, -203  # the published code's placeholders
+PUBLISHED_VOCAB, PUBLISHED_MEM_ID = 64, 63
+TOLERANCE = 1e-4  # float32; measured 3e-7
+
+
+@pytest.fixture(scope="module")
+def golden(shared_data: Path) -> Path:
+    return shared_data / GOLDEN
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, golden: Path, shared_data: Path) -> Path:
+    """The folder `multimood convert` writes, with the command line of the golden's README (no profile flags)."""
+    out = tmp_path_factory.mktemp("published") / "converted"
+    code = main([str(golden), str(out), "--tokenizer", str(shared_data / "tokenizer" / "qwen2"),
+                 "--vision_tower", str(golden / "siglip_tiny")])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(converted: Path) -> MultimoodForConditionalGeneration:
+    """The converted model as `from_pretrained` gives it (its saved profile: no memory injection)."""
+    return MultimoodForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(golden: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(golden / "inputs.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def expected(golden: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(golden / "expected_logits.safetensors"))
+
+
+def expand(input_ids: torch.Tensor, blocks: dict[int, list[int]]) -> torch.Tensor:
+    """Replace each published sentinel by our placeholder block (one row)."""
+    row: list[int] = []
+    for token in input_ids[0].tolist():
+        row += blocks.get(token, [token])
+    return torch.tensor([row])
+
+
+def published_max_diff(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max |difference| over the published vocabulary (the converted one adds our special tokens after it)."""
+    assert logits.shape[:2] == reference.shape[:2]
+    return (logits[..., :PUBLISHED_VOCAB] - reference).abs().max().item()
+
+
+def test_converted_logits_equal_the_published_forward(model, inputs, expected):
+    """Main case: what the published inference does for `--modal-type av` (8 video + 1496 audio tokens at -201)."""
+    config = model.config
+    video = [config.video_token_id] * config.num_video_tokens(4, 56, 56)
+    audio = [config.audio_token_id] * config.num_audio_tokens(inputs["fbank"].shape[1])
+    assert (len(video), len(audio)) == (8, 1496)
+    input_ids = expand(inputs["input_ids"], {VIDEO_SENTINEL: video + audio})  # video first, as published
+    with torch.no_grad():
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values_videos=inputs["pixel_values"][None],
+            input_features=inputs["fbank"],
+        ).logits
+    assert published_max_diff(logits, expected["logits"]) <= TOLERANCE
+    # the inputs matter: without the audio the logits move far past the tolerance
+    with torch.no_grad():
+        silent = model(input_ids=input_ids, pixel_values_videos=inputs["pixel_values"][None],
+                       input_features=torch.zeros_like(inputs["fbank"])).logits
+    assert published_max_diff(silent, expected["logits"]) > 100 * TOLERANCE
+
+
+def test_converted_history_case_with_memory_injection(converted: Path, inputs, expected):
+    """The published model injects the compressor's memory at a -203 sentinel (its own prompts never hold one):
+    with `inject_history_memory=True` the converted model does the same."""
+    model = MultimoodForConditionalGeneration.from_pretrained(
+        converted, dtype=torch.float32, inject_history_memory=True
+    ).eval()
+    config = model.config
+    history_ids = inputs["history_case_history_input_ids"].clone()
+    memory_slots = int((history_ids == PUBLISHED_MEM_ID).sum())
+    history_ids[history_ids == PUBLISHED_MEM_ID] = config.mem_token_id
+    input_ids = expand(inputs["history_case_input_ids"], {
+        HISTORY_SENTINEL: [config.history_token_id] * memory_slots,
+        VIDEO_SENTINEL: [config.video_token_id] * config.num_video_tokens(4, 56, 56),
+    })
+    with torch.no_grad():
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values_videos=inputs["pixel_values"][None],
+            history_input_ids=history_ids,
+        ).logits
+    assert published_max_diff(logits, expected["history_case_logits"]) <= TOLERANCE
+
+
+def test_converted_folder_carries_the_published_profile(converted: Path, model):
+    processor_config = json.loads((converted / "processor_config.json").read_text(encoding="utf-8"))
+    assert processor_config["prompt_style"] == "published-eval"
+    assert processor_config["feature_extractor"]["audio_window_rule"] == "pytorchvideo-0.1.5"
+    config = json.loads((converted / "config.json").read_text(encoding="utf-8"))
+    assert config["inject_history_memory"] is False
+    assert config["audio_config"]["encoder_layerdrop"] == 0.05
+    assert config["video_frame_pooling"] == "none"  # stc_connector_v35: the published code pools nothing
+    report = json.loads((converted / REPORT_NAME).read_text(encoding="utf-8"))
+    assert report["profile"]["processor.prompt_style"] == "published-eval"
+
+    # memory injection off: history inputs are ignored (as the published model drops its memory) ...
+    assert model.config.inject_history_memory is False
+    ids = torch.tensor([[5, 6, 7, 8]])
+    history = torch.tensor([[5, 6, model.config.mem_token_id]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with_history = model(input_ids=ids, history_input_ids=history).logits
+    assert torch.equal(plain, with_history)
+    # ... and a prompt that holds <history> placeholders is an error that names the setting
+    with pytest.raises(ValueError, match="inject_history_memory"):
+        model(input_ids=torch.tensor([[5, model.config.history_token_id, 7]]), history_input_ids=history)
+
+
+def test_prompt_style_option_overrides_the_profile(golden: Path, shared_data: Path, tmp_path: Path):
+    tokenizer = shared_data / "tokenizer" / "qwen2"
+    report = convert(golden, tmp_path / "ours", tokenizer=tokenizer, vision_tower=golden / "siglip_tiny",
+                     prompt_style="multimood")
+    processor_config = json.loads((tmp_path / "ours" / "processor_config.json").read_text(encoding="utf-8"))
+    config = json.loads((tmp_path / "ours" / "config.json").read_text(encoding="utf-8"))
+    assert processor_config["prompt_style"] == "multimood" and config["inject_history_memory"] is True
+    assert report.profile["processor.prompt_style"] == "multimood"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage line and exit status 2
+        main([str(golden), str(tmp_path / "bad"), "--tokenizer", str(tokenizer), "--prompt_style", "ours"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
