@@ -122,7 +122,13 @@ class _Checker:
         return value
 
     def label(self, name: str, labels: Sequence[str] | None, kind: str, label_set: str | None) -> str:
-        value = canonical_label(self.string(name, non_empty=True), labels)
+        value = self.record[name]
+        if not isinstance(value, str) or not value.strip():
+            kind_of = "a non-empty string"
+            if name == "Emotion":  # nullable
+                kind_of = "a non-empty string or null" if isinstance(value, str) else "a string or null"
+            self.fail(name, f"field {name!r} must be {kind_of}, got {value!r}")
+        value = canonical_label(value, labels)
         if labels and value not in labels:
             named = f"the {label_set} {kind} labels" if label_set else f"the {kind} labels"
             self.fail(name, f"field {name!r} is {value!r}, not one of {named} ({', '.join(labels)})")
