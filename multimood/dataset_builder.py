@@ -156,7 +156,7 @@ def _not_utf8(line: bytes, error: UnicodeDecodeError, line_start: int = 0) -> st
             "save the file as UTF-8")
 
 
-def _raw_items(path: PathLike) -> Iterator[tuple[str, Any, InvalidRecordError | None]]:
+def iter_json_items(path: PathLike) -> Iterator[tuple[str, Any, InvalidRecordError | None]]:
     """`(location, object, parse_error)` for every record of a JSONL file or a JSON-array file."""
     name = str(path)
     data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
@@ -210,7 +210,7 @@ def iter_located_records(
     name = str(path)
     emotions, strategies = label_lists(label_set)
     unknown: set[str] = set()
-    for index, (location, item, error) in enumerate(_raw_items(path)):
+    for index, (location, item, error) in enumerate(iter_json_items(path)):
         if report is not None:
             report.read += 1
         if error is None:
@@ -651,7 +651,7 @@ def convert_esconv(jsonl_path: PathLike, id_prefix: str | None = None) -> list[d
     prefix = f"{Path(jsonl_path).stem}-" if id_prefix is None else id_prefix
     emotions, strategies = label_lists("esconv")
     records, openings = [], 0
-    for index, (location, dialogue, error) in enumerate(_raw_items(jsonl_path)):
+    for index, (location, dialogue, error) in enumerate(iter_json_items(jsonl_path)):
         if error is not None:
             raise error
         where = f"{jsonl_path} {location}"
