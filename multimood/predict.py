@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -124,12 +125,18 @@ def reference_of(processor, record: dict, index: int) -> str | None:
     lacks targets."""
     if not all(record.get(k) is not None for k in TARGET_FIELDS):
         return None
-    return processor.format_target(record, index=index)
+    return processor.format_target(processor.check_record(record, index, with_target=True), index=index)
+
+
+_BATCH_RECORD_NAME = re.compile(r"^(record \d+( \(Dialogue_ID=[^)]*\))?|Dialogue_ID=[^:]*): ")
 
 
 def _problem(error: Exception) -> str:
-    """An error's text without the record name the processor puts in front (the caller names the record)."""
-    return error.problem if isinstance(error, MultimoodRecordError) else " ".join(str(error).split())
+    """An error's text without the name of the record in its batch that the processor and the media
+    readers put in front (the caller names the record by its file, line and position)."""
+    if isinstance(error, MultimoodRecordError):
+        return error.problem
+    return _BATCH_RECORD_NAME.sub("", " ".join(str(error).split()), count=1)
 
 
 def output_line(index: int, record: dict, answer: dict, reference: str | None) -> dict:

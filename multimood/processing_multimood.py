@@ -59,7 +59,14 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .feature_extraction_multimood import MultimoodFeatureExtractor
-from .records import MultimoodRecordError, canonical_label, normalize_history, record_name, validate_record
+from .records import (
+    MultimoodRecordError,
+    canonical_label,
+    normalize_history,
+    record_name,
+    validate_record,
+    validate_targets,
+)
 from .video_processing_multimood import MultimoodVideoProcessor
 
 VIDEO_TOKEN = "<video>"
@@ -224,13 +231,10 @@ def _join(fragments: Sequence[str]) -> str:
     return " ".join(" ".join(fragments).split())
 
 
-def _target(record: dict, where: str) -> str:
-    """The four-line target of a validated record (labels already in the label sets' spelling)."""
-    if record["Emotion"] is None:
-        raise MultimoodRecordError(where, "Emotion", "missing required field 'Emotion' (null): the target needs "
-                                   "the therapist's emotion")
-    return format_answer(record["get_emotion_user_most_recent"], record["Emotion"], record["Strategy"],
-                         _neutralise(_join(record["Utterance"])))
+def _target(targets: dict) -> str:
+    """The four-line answer of checked targets (see `records.validate_targets`)."""
+    return format_answer(targets["get_emotion_user_most_recent"], targets["Emotion"], targets["Strategy"],
+                         _neutralise(_join(targets["Utterance"])))
 
 
 def format_target(
@@ -239,10 +243,10 @@ def format_target(
     strategy_labels: Sequence[str] | None = None,
     index: int | None = None,
 ) -> str:
-    """The four-line target of a record (validated; labels in the label set's spelling when lists are given)."""
+    """The four-line target of a record (labels in the label set's spelling when lists are given; a label
+    outside them is kept as written here: `check_record(..., with_target=True)` rejects it)."""
     where = record_name(record, index)
-    checked = validate_record(record, True, emotion_labels, strategy_labels, strict=False, where=where)
-    return _target(checked, where)
+    return _target(validate_targets(record, emotion_labels, strategy_labels, reject_unknown=False, where=where))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +547,7 @@ class MultimoodProcessor(ProcessorMixin):
         sample.exchanges = group_exchanges(merge_turns(history_messages(record, index)))
         sample.history_utterances = self.history_utterance_ids(record, index)
         if with_target:
-            sample.target = _target(record, name)
+            sample.target = _target(validate_targets(record, where=name))
         return sample
 
     def build_messages(

@@ -121,7 +121,7 @@ class _Checker:
             self.fail(name, f"field {name!r} must be {kind}, got {value!r}")
         return value
 
-    def label(self, name: str, labels: Sequence[str] | None, kind: str, label_set: str | None) -> str:
+    def label(self, name: str, labels: Sequence[str] | None, kind: str, label_set: str | None, reject: bool = True) -> str:
         value = self.record[name]
         if not isinstance(value, str) or not value.strip():
             kind_of = "a non-empty string"
@@ -129,7 +129,7 @@ class _Checker:
                 kind_of = "a non-empty string or null" if isinstance(value, str) else "a string or null"
             self.fail(name, f"field {name!r} must be {kind_of}, got {value!r}")
         value = canonical_label(value, labels)
-        if labels and value not in labels:
+        if reject and labels and value not in labels:
             named = f"the {label_set} {kind} labels" if label_set else f"the {kind} labels"
             self.fail(name, f"field {name!r} is {value!r}, not one of {named} ({', '.join(labels)})")
         return value
@@ -175,6 +175,35 @@ def normalize_history(value: Any, where: str = "record", strict: bool = False) -
         previous = role
         messages.append({"role": role, "content": content})
     return messages
+
+
+def validate_targets(
+    record: Any,
+    emotion_labels: Sequence[str] | None = None,
+    strategy_labels: Sequence[str] | None = None,
+    label_set: str | None = None,
+    reject_unknown: bool = True,
+    where: str | None = None,
+) -> dict[str, Any]:
+    """The four targets of a record, checked (all present, `Emotion` too) and in the label sets' spelling.
+
+    `reject_unknown=False` keeps a label outside the lists as written (formatting only: the answer format
+    is read with placeholder labels); `validate_record` always rejects them.
+    """
+    where = where or record_name(record)
+    if not isinstance(record, Mapping):
+        raise MultimoodRecordError(where, None, f"is {_type_name(record)}, expected a dict (a JSON object)")
+    check = _Checker(record, where, strict=False)
+    for name in TARGET_FIELDS:
+        if record.get(name) is None:
+            check.fail(name, f"missing required field {name!r} (the target needs it)")
+    return {
+        "get_emotion_user_most_recent": check.label("get_emotion_user_most_recent", emotion_labels, "emotion",
+                                                    label_set, reject_unknown),
+        "Emotion": check.label("Emotion", emotion_labels, "emotion", label_set, reject_unknown),
+        "Strategy": check.label("Strategy", strategy_labels, "strategy", label_set, reject_unknown),
+        "Utterance": check.string_list("Utterance", needs_text=True),
+    }
 
 
 def validate_record(
@@ -253,4 +282,5 @@ __all__ = [
     "normalize_history",
     "record_name",
     "validate_record",
+    "validate_targets",
 ]
