@@ -94,7 +94,8 @@ def run_command(prog: str, function: Callable[[list[str]], Any], argv: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug, rest = _debug_requested(argv[:1]) if argv[:1] == ["--debug"] else (False, argv)
+    debug = argv[:1] == ["--debug"]
+    rest = argv[1:] if debug else argv
     if not rest or rest[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if rest else 2
