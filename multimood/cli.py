@@ -59,8 +59,9 @@ def describe_error(error: BaseException) -> str:
         text = str(error)
     elif isinstance(error, OSError) and error.filename is not None and error.strerror:
         text = f"{error.filename}: {error.strerror}"
-    elif isinstance(error, pickle.UnpicklingError):
-        text = f"refused to unpickle a file that holds more than tensors ({str(error).splitlines()[-1] if str(error) else ''})"
+    elif isinstance(error, pickle.UnpicklingError):  # never torch's advice to retry without weights_only
+        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        text = "refused to load a pickle that holds objects other than tensors" + (f" ({blocked[0]})" if blocked else "")
     else:
         text = f"{type(error).__name__}: {error}"
     return " ".join(text.split())

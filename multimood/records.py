@@ -67,9 +67,9 @@ class MultimoodRecordError(MultimoodError):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
-def record_name(record: Any, index: int | None = None, location: str | None = None) -> str:
-    """How errors refer to a record: `record 3 (Dialogue_ID=48)` or `data.jsonl line 4 (Dialogue_ID=48)`."""
-    head = location or (f"record {index}" if index is not None else "")
+def record_name(record: Any, index: int | None = None) -> str:
+    """How errors refer to a record: `record 3 (Dialogue_ID=48)` (its position in the batch or file)."""
+    head = f"record {index}" if index is not None else ""
     dialogue_id = record.get("Dialogue_ID") if isinstance(record, Mapping) else None
     if dialogue_id is not None:
         return f"{head} (Dialogue_ID={dialogue_id})" if head else f"Dialogue_ID={dialogue_id}"

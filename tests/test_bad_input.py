@@ -463,6 +463,19 @@ def test_pipeline_rejects_a_record_without_client_words(model_folder, real_recor
         pipe(text_only(real_records[0], utt_user_most_recent=[""]), max_new_tokens=2)
 
 
+def test_demo_functions_refuse_bad_input(model_folder, tmp_path, capsys):
+    from multimood import demo  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match=r"processor_config.json"):
+        demo.load_model(damaged_copy(model_folder, tmp_path, "no_processor_config"), device="cpu")
+    with pytest.raises(ValueError, match=r"Line 1 .*'Client:' or 'Therapist:'"):
+        demo.parse_conversation("Doctor: hello")
+    with pytest.raises(ValueError, match=r"utterance: it is empty"):
+        demo.check_inputs(" ", [])
+    code, text = run_cli(["demo", "--model", tmp_path / "no_model"], capsys)
+    assert_error(code, text, "no_model", "no such model folder")
+
+
 # ----------------------------------------------------------------------------------------------
 # multimood evaluate
 # ----------------------------------------------------------------------------------------------
