@@ -41,12 +41,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Values of the Trainer's own `--debug` flag (transformers' DebugOption): `--debug underflow_overflow` is left alone.
+_TRAINER_DEBUG_VALUES = {"underflow_overflow", "tpu_metrics_debug"}
+
+
 def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """(debug?, argv without our `--debug`). A `--debug VALUE` (the Trainer's own flag) is left alone."""
+    """(debug?, argv without our `--debug`)."""
     kept, debug = [], os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     for i, arg in enumerate(argv):
-        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("-")
-        if arg == "--debug" and not takes_value:
+        trainer_flag = i + 1 < len(argv) and set(argv[i + 1].split()) <= _TRAINER_DEBUG_VALUES and argv[i + 1].strip()
+        if arg == "--debug" and not trainer_flag:
             debug = True
         else:
             kept.append(arg)
