@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from .dataset_builder import _raw_items
+from .dataset_builder import iter_json_items
 from .media import probe_clip, resolve_clip
-from .processing_multimood import record_name
+from .records import MultimoodError, record_name
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ BAD_SAMPLE_POLICIES = ("error", "skip")
 _PLACEHOLDER = "record \0"  # the record name given to probes whose verdict is cached for every record using the clip
 
 
-class BadSampleError(ValueError):
+class BadSampleError(MultimoodError):
     """A training record that cannot be used; the message names the data file, the line, Dialogue_ID and clip."""
 
     def __init__(self, message: str):
@@ -76,7 +76,7 @@ class BadSample:
 
 def record_locations(path: str | os.PathLike) -> list[str]:
     """Where each record of a JSONL / JSON-array file is (`line 12`, `line 3 (array index 2)`), in file order."""
-    return [location for location, _, _ in _raw_items(path)]
+    return [location for location, _, _ in iter_json_items(path)]
 
 
 def _without_name(message: str, name: str) -> str:

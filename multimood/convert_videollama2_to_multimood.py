@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -62,6 +63,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cli import run_command
+from .hub import check_model_folder
+from .records import MultimoodError
 
 logger = logging.getLogger("multimood.convert")
 
@@ -113,7 +118,7 @@ _MLP_INDEX = re.compile(r"^(\d+)\.(weight|bias)$")
 MAMBA_EMBEDDINGS = "model.mamba_compressor.mamba.embeddings.weight"
 
 
-class ConversionError(ValueError):
+class ConversionError(MultimoodError):
     """The checkpoint cannot be converted (a missing tensor, an unsupported layout, conflicting inputs)."""
 
 
@@ -220,14 +225,37 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for every damage
+            if isinstance(error, OSError):
+                raise
+            raise ConversionError(f"{path}: truncated or damaged safetensors file ({' '.join(str(error).split())})") from None
+    state = load_pickled_weights(path)
     if not isinstance(state, dict):
         raise ConversionError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def load_pickled_weights(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)`: a pickle holding anything but tensors and plain containers is
+    refused with a `ConversionError` naming the file (never retried without `weights_only`)."""
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise ConversionError(
+            f"{path}: refused to load: the pickle holds objects other than tensors"
+            + (f" ({blocked[0]})" if blocked else "")
+            + "; only tensor checkpoints are read (save it as safetensors from a source you trust)"
+        ) from None
+    except (EOFError, RuntimeError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ConversionError(f"{path}: truncated or damaged checkpoint ({' '.join(str(error).split())})") from None
 
 
 def list_weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -341,7 +369,7 @@ def read_beats_checkpoint(path: str | os.PathLike, unused: dict[str, str] | None
     Read with `weights_only=True`. Prefixes `model.audio_tower.`, `audio_tower.`, `model.` are removed; the
     weight-norm and shared-bias renames of `beats_key` apply; tensors not needed (the AudioSet `predictor`,
     the bias copies of layers 1..N-1) go to `unused` (key -> reason) when given, and are logged."""
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    checkpoint = load_pickled_weights(path)
     cfg: dict = {}
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
         cfg = dict(checkpoint.get("cfg") or {})
@@ -630,10 +658,19 @@ def _merge_overrides(kwargs: dict, overrides: dict) -> dict:
 
 def _read_published_config(source: Path, report: ConversionReport) -> dict:
     """The published config.json, its keys sorted into used / ignored / unknown in the report."""
+    if not source.is_dir():
+        raise ConversionError(f"{source}: " + ("is a file, expected a checkpoint folder" if source.exists()
+                                               else "no such checkpoint folder"))
     config_path = source / "config.json"
     if not config_path.is_file():
-        raise ConversionError(f"{source}: no config.json")
-    published = json.loads(config_path.read_text())
+        raise ConversionError(f"{source}: no config.json (a published checkpoint folder holds config.json and "
+                              "the weights)")
+    try:
+        published = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{config_path}: not a JSON config ({' '.join(str(error).split())})") from None
+    if not isinstance(published, dict):
+        raise ConversionError(f"{config_path}: expected a JSON object")
     model_type = str(published.get("model_type", ""))
     if "qwen2" not in model_type.lower():
         raise ConversionError(f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)")
@@ -1115,6 +1152,7 @@ def export_published(
     source, output = Path(source).expanduser(), Path(output).expanduser()
     _check_output(output, overwrite)
     report = ConversionReport(source=str(source), output=str(output), direction="multimood->published")
+    check_model_folder(source, need_processor=False)
     config = MultimoodConfig.from_pretrained(source)
     state = read_state_dict(source, report)
     out: dict[str, torch.Tensor] = {}
@@ -1199,6 +1237,11 @@ def _read_json_arg(value: str | None) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`multimood convert` under the error contract (one line, exit 1; --debug for the traceback)."""
+    return run_command("multimood convert", convert_command, argv)
+
+
+def convert_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -1233,6 +1276,7 @@ __all__ = [
     "convert_beats_state_dict",
     "export_published",
     "list_weight_files",
+    "load_pickled_weights",
     "load_weight_file",
     "main",
     "mamba_config_from_state",

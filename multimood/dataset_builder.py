@@ -5,7 +5,7 @@ One record is one therapist turn (see ARCHITECTURE.md, "The record"):
 | field | type | role |
 |---|---|---|
 | `Dialogue_ID` | string (ints in files are turned into strings) | required |
-| `utt_user_most_recent` | list of strings: the client's latest fragments (may be empty) | required (model input) |
+| `utt_user_most_recent` | non-empty list of strings: the client's latest fragments (some text needed) | required (model input) |
 | `Utterance` | non-empty list of strings: the therapist's fragments | target |
 | `Emotion` | string or null: the therapist's emotion (null where a corpus has none: ESConv) | target (key required) |
 | `Strategy` | non-empty string | target |
@@ -16,7 +16,11 @@ One record is one therapist turn (see ARCHITECTURE.md, "The record"):
 | `situation`, `problem_type` | strings | optional, default `""` |
 
 Targets are required for training (`require_targets=True`, the default); with `require_targets=False`
-(inference data) a missing target becomes null. `history_chat` also accepts plain strings, as in the
+(inference data) a missing target becomes null. With a label set (`label_set="mesc"` / `"esconv"`, or
+explicit lists) the targets must name its labels: case, spacing and a trailing full stop are ignored and
+the label set's spelling is stored (`"Sadness "` -> `"sadness"`), any other value is an error, and a
+null `Emotion` is an error (a training target needs it). The checks are `records.validate_record`, the
+same the processor applies to every batch: a file that validates trains. `history_chat` also accepts plain strings, as in the
 seed README: a `Client: ` / `Therapist: ` prefix names the speaker, an unprefixed string is spoken by
 the other speaker than the message before it (the first one by the client); they are stored as
 `{"role", "content"}` messages (user = client, assistant = therapist; the roles `client` / `therapist`
@@ -24,7 +28,8 @@ are accepted too). Fields outside the schema are dropped with one warning per fi
 paths: decoding belongs to the processor.
 
 Files are JSON Lines (one object a line) or one JSON array (the seed's form), told apart by the
-first non-space character. Every error names the file, the line (and the array index) and the field.
+first non-space character. Every error names the file, the line (and the array index) and the field;
+bytes that are not UTF-8 and lines that are not JSON are errors of their line.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ import datasets
 from datasets.builder import Key
 from datasets.exceptions import DatasetGenerationError
 
+from .cli import run_command
+from .processing_multimood import LABEL_SETS
+from .records import SCHEMA_FIELDS, MultimoodError, MultimoodRecordError, canonical_label, validate_record
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -67,15 +76,12 @@ MULTIMOOD_FEATURES = datasets.Features(
         "problem_type": datasets.Value("string"),
     }
 )
-TARGET_FIELDS = ("Utterance", "Emotion", "Strategy", "get_emotion_user_most_recent")
-REQUIRED_INPUT_FIELDS = ("Dialogue_ID", "utt_user_most_recent")
+assert tuple(MULTIMOOD_FEATURES) == SCHEMA_FIELDS
 
 REPORT_FILENAME = "multimood_read_report.json"
 # The builder's code is part of its cache key: editing this file regenerates cached datasets.
 _SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
-_SPEAKER_PREFIX = re.compile(r"^\s*(client|therapist)\s*:\s?", re.IGNORECASE)
-_ROLES = {"user": "user", "client": "user", "assistant": "assistant", "therapist": "assistant"}
 _SPEAKER_NAMES = {"user": "Client", "assistant": "Therapist"}
 
 
@@ -84,135 +90,36 @@ _SPEAKER_NAMES = {"user": "Client", "assistant": "Therapist"}
 # ----------------------------------------------------------------------------------------------
 
 
-class InvalidRecordError(ValueError):
+class InvalidRecordError(MultimoodRecordError):
     """A record or file that does not fit the schema; `str(error)` names the file, line and field."""
 
     def __init__(self, message: str, path: str | None = None, location: str | None = None, field: str | None = None):
-        self.path, self.location, self.field = path, location, field
-        prefix = " ".join(part for part in (path, location) if part)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.path, self.location = path, location
+        super().__init__(" ".join(part for part in (path, location) if part) or None, field, message)
 
 
-class _FieldError(Exception):
-    """Raised by the record checks; the reader adds the file and the line."""
-
-    def __init__(self, field_name: str | None, message: str):
-        super().__init__(message)
-        self.field, self.message = field_name, message
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
+def label_lists(label_set: str | None) -> tuple[list[str] | None, list[str] | None]:
+    """(emotion labels, strategy labels) of a named label set; `None` / `"none"`: no label check."""
+    if label_set is None or label_set == "none":
+        return None, None
+    if label_set not in LABEL_SETS:
+        raise MultimoodError(f"label set must be one of {', '.join(sorted(LABEL_SETS))} or none, got {label_set!r}")
+    return list(LABEL_SETS[label_set]["emotion_labels"]), list(LABEL_SETS[label_set]["strategy_labels"])
 
 
-def _string_list(record: Mapping, name: str, non_empty: bool = False) -> list[str]:
-    value = record[name]
-    if not isinstance(value, list):
-        raise _FieldError(name, f"field {name!r} must be a list of strings, got {_type_name(value)}")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _FieldError(name, f"field {name!r} must be a list of strings, item {i} is {_type_name(item)}")
-    if non_empty and not value:
-        raise _FieldError(name, f"field {name!r} must not be empty")
-    return list(value)
-
-
-def _string(record: Mapping, name: str, non_empty: bool = False, nullable: bool = False) -> str | None:
-    value = record[name]
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str):
-        kind = "a string or null" if nullable else "a string"
-        raise _FieldError(name, f"field {name!r} must be {kind}, got {_type_name(value)}")
-    if non_empty and not value.strip():
-        raise _FieldError(name, f"field {name!r} must be a non-empty string")
-    return value
-
-
-def _history(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list):
-        raise _FieldError("history_chat", f"field 'history_chat' must be a list of messages, got {_type_name(value)}")
-    messages = []
-    previous = "assistant"
-    for i, message in enumerate(value):
-        if isinstance(message, dict):
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(role, str) or role.strip().lower() not in _ROLES:
-                raise _FieldError(
-                    "history_chat",
-                    f"field 'history_chat' message {i} must have role 'user' or 'assistant', got {role!r}",
-                )
-            if not isinstance(content, str):
-                raise _FieldError(
-                    "history_chat",
-                    f"field 'history_chat' message {i} content must be a string, got {_type_name(content)}",
-                )
-            role = _ROLES[role.strip().lower()]
-        elif isinstance(message, str):
-            match = _SPEAKER_PREFIX.match(message)
-            if match:
-                role = "user" if match.group(1).lower() == "client" else "assistant"
-                content = message[match.end() :].strip()
-            else:
-                role = "user" if previous == "assistant" else "assistant"
-                content = message.strip()
-        else:
-            raise _FieldError(
-                "history_chat",
-                f"field 'history_chat' message {i} must be an object or a string, got {_type_name(message)}",
-            )
-        previous = role
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def normalize_record(record: Any, require_targets: bool = True) -> dict[str, Any]:
-    """Check one raw record against the schema and return it in the canonical form of `MULTIMOOD_FEATURES`.
-
-    Raises `InvalidRecordError` naming the field (the file readers add the file and the line).
+def normalize_record(record: Any, require_targets: bool = True, label_set: str | None = None) -> dict[str, Any]:
+    """Check one raw record against the schema (and a label set) and return it in the canonical form of
+    `MULTIMOOD_FEATURES`. Raises `InvalidRecordError` naming the field (the file readers add the file and line).
     """
     try:
-        return _normalize(record, require_targets)
-    except _FieldError as err:
-        raise InvalidRecordError(err.message, field=err.field) from None
+        return _normalize(record, require_targets, label_set)
+    except MultimoodRecordError as err:
+        raise InvalidRecordError(err.problem, field=err.field) from None
 
 
-def _normalize(record: Any, require_targets: bool) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise _FieldError(None, f"a record must be a JSON object, got {_type_name(record)}")
-    required = REQUIRED_INPUT_FIELDS + (TARGET_FIELDS if require_targets else ())
-    for name in required:
-        if name not in record or (record[name] is None and name != "Emotion"):
-            raise _FieldError(name, f"missing required field {name!r}")
-
-    dialogue_id = record["Dialogue_ID"]
-    if isinstance(dialogue_id, bool) or not isinstance(dialogue_id, (str, int)):
-        raise _FieldError(
-            "Dialogue_ID", f"field 'Dialogue_ID' must be a string or an integer, got {_type_name(dialogue_id)}"
-        )
-
-    def present(name: str) -> bool:
-        return record.get(name) is not None
-
-    return {
-        "Dialogue_ID": str(dialogue_id),
-        "Utterance": _string_list(record, "Utterance", non_empty=True) if present("Utterance") else None,
-        "Emotion": _string(record, "Emotion", nullable=True) if "Emotion" in record else None,
-        "Strategy": _string(record, "Strategy", non_empty=True) if present("Strategy") else None,
-        "get_emotion_user_most_recent": (
-            _string(record, "get_emotion_user_most_recent", non_empty=True)
-            if present("get_emotion_user_most_recent")
-            else None
-        ),
-        "path_to_vid_user_most_recent": (
-            _string_list(record, "path_to_vid_user_most_recent") if present("path_to_vid_user_most_recent") else []
-        ),
-        "utt_user_most_recent": _string_list(record, "utt_user_most_recent"),
-        "history_chat": _history(record["history_chat"]) if present("history_chat") else [],
-        "history_chat_mamba": _string(record, "history_chat_mamba") if present("history_chat_mamba") else "",
-        "situation": _string(record, "situation") if present("situation") else "",
-        "problem_type": _string(record, "problem_type") if present("problem_type") else "",
-    }
+def _normalize(record: Any, require_targets: bool, label_set: str | None = None) -> dict[str, Any]:
+    emotions, strategies = label_lists(label_set)
+    return validate_record(record, require_targets, emotions, strategies, label_set=label_set, where="record")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +134,7 @@ class SplitReport:
     read: int = 0
     skipped: int = 0
     files: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # one line per skipped record: file, line, field
 
     @property
     def kept(self) -> int:
@@ -242,20 +150,22 @@ def format_report(report: Mapping[str, SplitReport]) -> str:
     return "\n".join(lines)
 
 
-def _first_char(path: PathLike) -> str:
-    with open(path, encoding="utf-8-sig") as handle:
-        while chunk := handle.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0]
-    return ""
+def _not_utf8(line: bytes, error: UnicodeDecodeError, line_start: int = 0) -> str:
+    """The message for bytes that are not UTF-8 (`line_start`: offset of the line in the decoded buffer)."""
+    return (f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at column {error.start - line_start + 1}); "
+            "save the file as UTF-8")
 
 
-def _raw_items(path: PathLike) -> Iterator[tuple[str, Any, InvalidRecordError | None]]:
+def iter_json_items(path: PathLike) -> Iterator[tuple[str, Any, InvalidRecordError | None]]:
     """`(location, object, parse_error)` for every record of a JSONL file or a JSON-array file."""
     name = str(path)
-    if _first_char(path) == "[":
-        text = Path(path).read_text(encoding="utf-8-sig")
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    if data.lstrip()[:1] == b"[":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line, line_start = data.count(b"\n", 0, err.start) + 1, data.rfind(b"\n", 0, err.start) + 1
+            raise InvalidRecordError(_not_utf8(data, err, line_start), name, f"line {line}") from None
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
@@ -271,16 +181,55 @@ def _raw_items(path: PathLike) -> Iterator[tuple[str, Any, InvalidRecordError | 
             item, end = decoder.raw_decode(text, pos)
             yield f"line {text.count(chr(10), 0, pos) + 1} (array index {index})", item, None
             pos, index = end, index + 1
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            location = f"line {line_number}"
+    for line_number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        location = f"line {line_number}"
+        try:
+            yield location, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as err:
+            yield location, None, InvalidRecordError(_not_utf8(raw, err), name, location)
+        except json.JSONDecodeError as err:
+            message = f"malformed JSON ({err.msg}, column {err.colno})"
+            yield location, None, InvalidRecordError(message, name, location)
+
+
+def iter_located_records(
+    path: PathLike,
+    require_targets: bool = True,
+    skip_invalid: bool = False,
+    report: SplitReport | None = None,
+    label_set: str | None = None,
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """`(index, location, record)` of every valid record of one file: `index` is the record's position among
+    the file's records (invalid ones included), `location` its line (and array index).
+
+    Invalid records raise `InvalidRecordError`, or with `skip_invalid` are logged, counted in `report` and
+    listed in `report.problems`.
+    """
+    name = str(path)
+    emotions, strategies = label_lists(label_set)
+    unknown: set[str] = set()
+    for index, (location, item, error) in enumerate(iter_json_items(path)):
+        if report is not None:
+            report.read += 1
+        if error is None:
             try:
-                yield location, json.loads(line), None
-            except json.JSONDecodeError as err:
-                message = f"malformed JSON ({err.msg}, column {err.colno})"
-                yield location, None, InvalidRecordError(message, name, location)
+                record = validate_record(item, require_targets, emotions, strategies, label_set=label_set, where=location)
+            except MultimoodRecordError as err:
+                error = InvalidRecordError(err.problem, name, location, err.field)
+        if error is not None:
+            if not skip_invalid:
+                raise error
+            logger.warning("skipping invalid record: %s", error)
+            if report is not None:
+                report.skipped += 1
+                report.problems.append(str(error))
+            continue
+        unknown.update(set(item) - set(MULTIMOOD_FEATURES))
+        yield index, location, record
+    if unknown:
+        logger.warning("%s: ignored fields outside the MultiMood schema: %s", name, ", ".join(sorted(unknown)))
 
 
 def iter_records(
@@ -288,29 +237,11 @@ def iter_records(
     require_targets: bool = True,
     skip_invalid: bool = False,
     report: SplitReport | None = None,
+    label_set: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Normalised records of one file; invalid ones raise, or with `skip_invalid` are logged and counted in `report`."""
-    name = str(path)
-    unknown: set[str] = set()
-    for location, item, error in _raw_items(path):
-        if report is not None:
-            report.read += 1
-        if error is None:
-            try:
-                record = _normalize(item, require_targets)
-            except _FieldError as err:
-                error = InvalidRecordError(err.message, name, location, err.field)
-        if error is not None:
-            if not skip_invalid:
-                raise error
-            logger.warning("skipping invalid record: %s", error)
-            if report is not None:
-                report.skipped += 1
-            continue
-        unknown.update(set(item) - set(MULTIMOOD_FEATURES))
+    for _, _, record in iter_located_records(path, require_targets, skip_invalid, report, label_set):
         yield record
-    if unknown:
-        logger.warning("%s: ignored fields outside the MultiMood schema: %s", name, ", ".join(sorted(unknown)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,10 +258,13 @@ class MultimoodDialogueConfig(datasets.BuilderConfig):
             report) instead of raising on the first one.
         require_targets (`bool`, defaults to `True`): records must carry the four targets (training and
             evaluation data); `False` accepts inference-only records.
+        label_set (`str`, *optional*): `"mesc"` or `"esconv"`: the targets must name that label set's labels
+            (see the module doc); `None` checks the schema only.
     """
 
     skip_invalid: bool = False
     require_targets: bool = True
+    label_set: str | None = None
 
 
 class MultimoodDialogueBuilder(datasets.GeneratorBasedBuilder):
@@ -375,7 +309,9 @@ class MultimoodDialogueBuilder(datasets.GeneratorBasedBuilder):
         report = self._report.setdefault(split, SplitReport())
         for file_index, path in enumerate(files):
             report.files.append(str(path))
-            records = iter_records(path, self.config.require_targets, self.config.skip_invalid, report)
+            records = iter_records(
+                path, self.config.require_targets, self.config.skip_invalid, report, self.config.label_set
+            )
             for record_index, record in enumerate(records):
                 yield Key(file_index, record_index), record
 
@@ -384,7 +320,7 @@ class MultimoodDialogueBuilder(datasets.GeneratorBasedBuilder):
             super()._prepare_split(split_generator, **kwargs)
         except DatasetGenerationError as err:
             # Show the record error itself (file, line, field), not datasets' generic wrapper.
-            if isinstance(err.__cause__, InvalidRecordError):
+            if isinstance(err.__cause__, (MultimoodError, OSError)):
                 raise err.__cause__ from None
             raise
 
@@ -431,6 +367,7 @@ def load_dialogues(
     require_targets: bool = True,
     base_dir: PathLike | None = None,
     return_report: bool = False,
+    label_set: str | None = None,
 ) -> datasets.DatasetDict | tuple[datasets.DatasetDict, dict[str, SplitReport]]:
     """Load MultiMood record files into a `DatasetDict` with `MULTIMOOD_FEATURES`, offline.
 
@@ -440,7 +377,9 @@ def load_dialogues(
     (they are resolved against the video folder by the processor). The result is cached under
     `cache_dir` (default: the datasets cache) and rebuilt when a file or this module changes.
     `return_report=True` also returns the records read and skipped per split (they are logged too).
+    `label_set` (`"mesc"`, `"esconv"`): the targets must name its labels (see the module doc).
     """
+    label_lists(label_set)  # an unknown name fails here, not inside datasets
     base_path = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
     builder = MultimoodDialogueBuilder(
         data_files=_data_files_dict(data_files),
@@ -448,6 +387,7 @@ def load_dialogues(
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
         skip_invalid=skip_invalid,
         require_targets=require_targets,
+        label_set=label_set,
     )
     builder.download_and_prepare()
     # datasets cannot read back a split of 0 examples (every record skipped, or an empty file).
@@ -534,12 +474,24 @@ def _turn_records(dialogue_id: str, turns: list[dict[str, Any]], context: Mappin
     return records, openings
 
 
+def read_json_file(path: PathLike) -> Any:
+    """The JSON value of a file; not UTF-8 or malformed JSON is a `MultimoodError` naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        line, line_start = data.count(b"\n", 0, err.start) + 1, data.rfind(b"\n", 0, err.start) + 1
+        raise MultimoodError(f"{path} line {line}: {_not_utf8(data, err, line_start)}") from None
+    except json.JSONDecodeError as err:
+        raise MultimoodError(f"{path} line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+
+
 def _read_dialogue_ids(path: PathLike) -> list[int]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json_file(path)
     if isinstance(data, dict):
         data = data.get("val_json_dialogue_ids", next(iter(data.values()), None))
     if not isinstance(data, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in data):
-        raise ValueError(f"{path}: expected a list of integer dialogue ids (or {{'val_json_dialogue_ids': [...]}})")
+        raise MultimoodError(f"{path}: expected a list of integer dialogue ids (or {{'val_json_dialogue_ids': [...]}})")
     return data
 
 
@@ -574,28 +526,47 @@ def convert_mesc(
     `"train"` (all the others; the distributed CSV has no test dialogues).
     """
     if dialogue_subset not in ("all", "val", "train"):
-        raise ValueError(f"dialogue_subset must be 'all', 'val' or 'train', got {dialogue_subset!r}")
+        raise MultimoodError(f"dialogue_subset must be 'all', 'val' or 'train', got {dialogue_subset!r}")
     if (dialogue_subset != "all" or dialogues_json is not None) and dialogue_ids_json is None:
-        raise ValueError("dialogue_ids_json is needed to select the val dialogues or to pair val.json with the CSV")
+        raise MultimoodError("dialogue_ids_json is needed to select the val dialogues or to pair val.json with the CSV")
     val_ids = _read_dialogue_ids(dialogue_ids_json) if dialogue_ids_json is not None else []
 
     dialogues: dict[int, list[dict[str, Any]]] = {}
+    emotions, strategies = label_lists("mesc")
     with open(csv_path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
+        rows = []
+        try:
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except UnicodeDecodeError as err:
+            raise MultimoodError(f"{csv_path} line {reader.line_num + 1}: not UTF-8 text ({err.reason}); "
+                                 "save the file as UTF-8") from None
+        except csv.Error as err:
+            raise MultimoodError(f"{csv_path} line {reader.line_num}: malformed CSV ({err})") from None
         missing = [column for column in MESC_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        for row_index, row in enumerate(reader):
+            raise MultimoodError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+        for row_index, (line, row) in enumerate(rows):
+            if any(row.get(column) is None for column in MESC_COLUMNS):
+                raise MultimoodError(f"{csv_path} line {line}: the row has fewer cells than the header")
             speaker = row["Speaker"].strip().lower()
             if speaker not in ("client", "therapist"):
-                raise ValueError(
-                    f"{csv_path} line {reader.line_num}: Speaker must be Client or Therapist, got {row['Speaker']!r}"
+                raise MultimoodError(
+                    f"{csv_path} line {line}: column 'Speaker' must be Client or Therapist, got {row['Speaker']!r}"
                 )
             try:
                 dialogue_id, utterance_id = int(row["Dialogue_ID"]), int(row["Utterance_ID"])
                 season, episode = int(row["Season"]), int(row["Episode"])
             except ValueError as err:
-                raise ValueError(f"{csv_path} line {reader.line_num}: {err}") from None
+                raise MultimoodError(f"{csv_path} line {line}: {err} (Dialogue_ID, Utterance_ID, Season and "
+                                     "Episode must be integers)") from None
+            if _label(row["Emotion"]) not in emotions:
+                raise MultimoodError(f"{csv_path} line {line}: column 'Emotion' is {row['Emotion']!r}, not one of the "
+                                     f"mesc emotion labels ({', '.join(emotions)})")
+            if speaker == "therapist" and _label(row["Strategy"]) not in strategies:
+                raise MultimoodError(f"{csv_path} line {line}: column 'Strategy' is {row['Strategy']!r}, not one of the "
+                                     f"mesc strategy labels ({', '.join(strategies)})")
             dialogues.setdefault(dialogue_id, []).append(
                 {
                     "order": utterance_id,
@@ -623,16 +594,18 @@ def convert_mesc(
 
     contexts: dict[int, dict[str, str]] = {}
     if dialogues_json is not None:
-        val = json.loads(Path(dialogues_json).read_text(encoding="utf-8"))
+        val = read_json_file(dialogues_json)
+        if not isinstance(val, list) or not all(isinstance(dialogue, dict) for dialogue in val):
+            raise MultimoodError(f"{dialogues_json}: expected a list of dialogue objects (MESC val.json)")
         if len(val) != len(val_ids):
-            raise ValueError(
+            raise MultimoodError(
                 f"{dialogues_json} has {len(val)} dialogues but {dialogue_ids_json} lists {len(val_ids)} ids"
             )
         for index, (dialogue_id, dialogue) in enumerate(zip(val_ids, val, strict=True)):
             rows = dialogues.get(dialogue_id)
             speakers = ["user" if turn.get("speaker") == "user" else "assistant" for turn in dialogue.get("dialog", [])]
             if rows is not None and speakers != [r["role"] for r in sorted(rows, key=lambda r: r["order"])]:
-                raise ValueError(
+                raise MultimoodError(
                     f"{dialogues_json} dialogue {index} does not match CSV dialogue {dialogue_id} (speakers differ)"
                 )
             contexts[dialogue_id] = {
@@ -649,8 +622,18 @@ def convert_mesc(
         dialogue_records, skipped = _turn_records(str(dialogue_id), rows, contexts.get(dialogue_id, {}))
         records.extend(dialogue_records)
         openings += skipped
+    _check_converted(records, csv_path, require_targets=True, label_set="mesc")
     logger.info("MESC %s: %d records, %d opening therapist turns skipped", csv_path, len(records), openings)
     return records
+
+
+def _check_converted(records: Sequence[Mapping[str, Any]], source: PathLike, require_targets: bool,
+                     label_set: str) -> None:
+    """Every converted record passes the validator (what a converter writes validates and trains)."""
+    emotions, strategies = label_lists(label_set)
+    for index, record in enumerate(records):
+        where = f"{source}: converted record {index} (Dialogue_ID={record['Dialogue_ID']})"
+        validate_record(record, require_targets, emotions, strategies, label_set=label_set, where=where)
 
 
 def convert_esconv(jsonl_path: PathLike, id_prefix: str | None = None) -> list[dict[str, Any]]:
@@ -666,27 +649,40 @@ def convert_esconv(jsonl_path: PathLike, id_prefix: str | None = None) -> list[d
     `id_prefix` defaulting to the file's stem and a dash (`train-0`).
     """
     prefix = f"{Path(jsonl_path).stem}-" if id_prefix is None else id_prefix
+    emotions, strategies = label_lists("esconv")
     records, openings = [], 0
-    for index, (location, dialogue, error) in enumerate(_raw_items(jsonl_path)):
+    for index, (location, dialogue, error) in enumerate(iter_json_items(jsonl_path)):
         if error is not None:
             raise error
         where = f"{jsonl_path} {location}"
         if not isinstance(dialogue, dict) or not isinstance(dialogue.get("dialog"), list):
-            raise ValueError(f"{where}: expected an ESConv dialogue object with a 'dialog' list")
-        emotion = (dialogue.get("emotion_type") or "").strip().lower()
+            raise MultimoodError(f"{where}: expected an ESConv dialogue object with a 'dialog' list")
+        emotion = canonical_label(str(dialogue.get("emotion_type") or ""), emotions)
+        if emotion not in emotions:
+            raise MultimoodError(f"{where}: field 'emotion_type' is {dialogue.get('emotion_type')!r}, not one of the "
+                                 f"esconv emotion labels ({', '.join(emotions)})")
         turns = []
-        for turn in dialogue["dialog"]:
+        for turn_index, turn in enumerate(dialogue["dialog"]):
+            if not isinstance(turn, dict):
+                raise MultimoodError(f"{where}, dialog turn {turn_index}: expected an object, got {type(turn).__name__}")
             speaker = str(turn.get("speaker", "")).strip().lower()
             if speaker not in _ESCONV_CLIENT | _ESCONV_SUPPORTER:
-                raise ValueError(f"{where}: unknown ESConv speaker {turn.get('speaker')!r}")
+                raise MultimoodError(f"{where}, dialog turn {turn_index}: unknown ESConv speaker {turn.get('speaker')!r}")
             text = turn.get("text", turn.get("content"))
             if not isinstance(text, str):
-                raise ValueError(f"{where}: a turn has no text")
+                raise MultimoodError(f"{where}, dialog turn {turn_index}: field 'text' must be a string, got {text!r}")
             text = " ".join(text.split())
             strategy = turn.get("strategy") or (turn.get("annotation") or {}).get("strategy")
-            if strategy is not None:
+            if speaker in _ESCONV_SUPPORTER and text:
+                if not isinstance(strategy, str) or not strategy.strip():
+                    raise MultimoodError(f"{where}, dialog turn {turn_index}: the supporter turn has no strategy "
+                                         f"(field 'strategy', one of {', '.join(strategies)})")
                 strategy = " ".join(strategy.split())
-                strategy = ESCONV_STRATEGY_ALIASES.get(strategy, strategy)
+                strategy = canonical_label(ESCONV_STRATEGY_ALIASES.get(strategy, strategy), strategies)
+                if strategy not in strategies:
+                    raise MultimoodError(f"{where}, dialog turn {turn_index}: field 'strategy' is "
+                                         f"{turn.get('strategy') or turn['annotation'].get('strategy')!r}, not one of "
+                                         f"the esconv strategy labels ({', '.join(strategies)})")
             if text:
                 turns.append(
                     {
@@ -703,6 +699,7 @@ def convert_esconv(jsonl_path: PathLike, id_prefix: str | None = None) -> list[d
         dialogue_records, skipped = _turn_records(f"{prefix}{index}", turns, context)
         records.extend(dialogue_records)
         openings += skipped
+    _check_converted(records, jsonl_path, require_targets=False, label_set="esconv")
     logger.info("ESConv %s: %d records, %d opening supporter turns skipped", jsonl_path, len(records), openings)
     return records
 
@@ -741,6 +738,11 @@ def _split_files(items: Sequence[str]) -> dict[str, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`multimood-data`: convert MESC / ESConv to MultiMood records, or validate record files."""
+    return run_command("multimood-data", data_command, None if argv is None else list(argv))
+
+
+def data_command(argv: Sequence[str] | None = None) -> int:
+    """`multimood data` / `multimood-data`: convert MESC / ESConv to MultiMood records, or validate record files."""
     parser = argparse.ArgumentParser(prog="multimood-data", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -770,34 +772,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check record files; print records read and skipped per split")
     validate.add_argument("files", nargs="+", metavar="[SPLIT=]FILE", help="JSONL or JSON-array record files")
     validate.add_argument("--no-targets", action="store_true", help="inference records: targets may be missing")
+    validate.add_argument(
+        "--label-set",
+        choices=(*sorted(LABEL_SETS), "none"),
+        default="mesc",
+        help="the targets must name this label set's labels, as the processor's (default: %(default)s; "
+        "none: schema only)",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
-    if args.command == "mesc":
-        records = convert_mesc(args.csv, args.dialogues, args.dialogue_ids, args.dialogue_subset, args.clip_pattern)
-        write_jsonl(records, args.output)
-        _print_summary(records, args.output)
-        return 0
-    if args.command == "esconv":
-        records = convert_esconv(args.input, args.id_prefix)
+    if args.command in ("mesc", "esconv"):
+        if os.path.exists(args.output) and os.path.samefile(args.output, args.csv if args.command == "mesc" else args.input):
+            raise MultimoodError(f"--output {args.output} is the input file: choose another path")
+        if args.command == "mesc":
+            records = convert_mesc(args.csv, args.dialogues, args.dialogue_ids, args.dialogue_subset, args.clip_pattern)
+        else:
+            records = convert_esconv(args.input, args.id_prefix)
+            print("note: ESConv has no therapist emotion (Emotion is null): these records validate with "
+                  "`--no-targets --label-set esconv`; training needs an Emotion label")
         write_jsonl(records, args.output)
         _print_summary(records, args.output)
         return 0
 
     report: dict[str, SplitReport] = {}
-    try:
-        for split, files in _split_files(args.files).items():
-            item = report.setdefault(split, SplitReport())
-            for path in files:
-                item.files.append(path)
-                for _ in iter_records(path, not args.no_targets, skip_invalid=True, report=item):
-                    pass
-    except (InvalidRecordError, OSError) as err:
-        print(f"error: {err}")
-        return 1
+    empty = []
+    for split, files in _split_files(args.files).items():
+        item = report.setdefault(split, SplitReport())
+        for path in files:
+            item.files.append(path)
+            read = item.read
+            for _ in iter_records(path, not args.no_targets, skip_invalid=True, report=item, label_set=args.label_set):
+                pass
+            if item.read == read:
+                empty.append(path)
     print(format_report(report))
-    return 1 if any(item.skipped for item in report.values()) else 0
+    for path in empty:
+        print(f"error: {path}: no records (an empty file)")
+    return 1 if empty or any(item.skipped for item in report.values()) else 0
 
 
 if __name__ == "__main__":

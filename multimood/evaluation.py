@@ -47,7 +47,10 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from .cli import run_command
+from .dataset_builder import iter_json_items
 from .processing_multimood import parse_output
+from .records import MultimoodError
 
 LABEL_TASKS = ("client_emotion", "therapist_emotion", "strategy")
 FIELDS = LABEL_TASKS + ("response",)
@@ -541,19 +544,27 @@ def compute_metrics(
 
 
 def load_predictions(path: str | Path) -> tuple[list[str], list[str]]:
-    """`(predictions, references)` from a JSONL file (`prediction`/`reference`, or `predict`/`label`)."""
+    """`(predictions, references)` from a JSONL file (`prediction`/`reference`, or `predict`/`label`).
+
+    Lines that are not UTF-8 or not JSON objects with both strings raise `MultimoodError` naming the line.
+    """
     predictions, references = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            prediction = row.get("prediction", row.get("predict"))
-            reference = row.get("reference", row.get("label"))
-            if not isinstance(prediction, str) or not isinstance(reference, str):
-                raise ValueError(f"{path}:{number}: needs string fields 'prediction' and 'reference'")
-            predictions.append(prediction)
-            references.append(reference)
+    for location, row, error in iter_json_items(path):
+        if error is not None:
+            raise error
+        if not isinstance(row, dict):
+            raise MultimoodError(f"{path} {location}: expected a JSON object, got {type(row).__name__}")
+        prediction = row.get("prediction", row.get("predict"))
+        reference = row.get("reference", row.get("label"))
+        for name, value in (("prediction", prediction), ("reference", reference)):
+            if not isinstance(value, str):
+                raise MultimoodError(f"{path} {location}: field {name!r} must be a string, got "
+                                     f"{'null' if value is None else type(value).__name__} (`multimood predict` "
+                                     "writes a 'reference' for records with all four targets)")
+        predictions.append(prediction)
+        references.append(reference)
+    if not predictions:
+        raise MultimoodError(f"{path}: no predictions (an empty file)")
     return predictions, references
 
 
@@ -675,8 +686,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("bertscore_num_layers", "bertscore_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MultimoodError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("output", "report"):
+        target = getattr(args, name)
+        if target and os.path.exists(target) and os.path.samefile(target, args.predictions):
+            raise MultimoodError(f"--{name} {target} is the predictions file: choose another path")
     predictions, references = load_predictions(args.predictions)
     metrics = compute_metrics(
         predictions,
@@ -712,6 +731,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`multimood evaluate` under the error contract (one line, exit 1; --debug for the traceback)."""
+    return run_command("multimood evaluate", evaluate_command, argv)
+
+
 __all__ = [
     "BertScorer",
     "METRIC_SCRIPT",
@@ -719,6 +743,7 @@ __all__ = [
     "TextResources",
     "compute_metrics",
     "default_nltk_data_dir",
+    "evaluate_command",
     "distinct_n",
     "lexnames_text",
     "load_predictions",

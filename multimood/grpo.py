@@ -432,8 +432,18 @@ def make_grpo_dataset(data_path: str, processor, limit: int | None = None):
     """Records with a `prompt` column (the rendered prompt text) for trl."""
     from .train import make_dataset  # noqa: PLC0415
 
+    from .records import MultimoodError, MultimoodRecordError  # noqa: PLC0415
+
     data = make_dataset(data_path, limit)
-    return data.map(lambda record: {"prompt": processor.render_prompt(dict(record))})
+
+    def prompt(record: dict, index: int) -> dict:
+        try:  # the gold labels feed the rewards: they must name the processor's label sets
+            processor.check_record(dict(record), index, with_target=True)
+        except MultimoodRecordError as error:
+            raise MultimoodError(f"{data_path}: {error}") from None
+        return {"prompt": processor.render_prompt(dict(record))}
+
+    return data.map(prompt, with_indices=True)
 
 
 def train(script: GRPOScriptArguments, config):

@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .cli import run_command
+from .records import MultimoodError
+
 logger = logging.getLogger("multimood.hub")
 
 TEMPLATE_NAME = "model_card.md"
@@ -90,7 +93,7 @@ UPLOAD_PATTERNS = (
     r"chat_template\.(jinja|json)", r"processor_config\.json", r"preprocessor_config\.json",
     r"video_preprocessor_config\.json", r"conversion_report\.json", r"LICENSE.*", r"NOTICE.*",
 )
-REMOTE_CODE_MODULES = ("configuration_multimood", "modeling_multimood", "modeling_beats")
+REMOTE_CODE_MODULES = ("configuration_multimood", "modeling_multimood", "modeling_beats", "records")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +125,64 @@ def find_template(template_path: str | os.PathLike | None = None) -> Path:
 
 def _is_hub_id(value: Any) -> bool:
     return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not os.path.exists(value)
+
+
+class ModelFolderError(MultimoodError):
+    """A saved model folder that cannot be loaded: missing, incomplete or damaged (the file is named)."""
+
+
+def check_model_folder(path: str | os.PathLike, need_processor: bool = True) -> Path | None:
+    """Check a saved multimood folder before loading it, so that a damaged one fails with one clear line.
+
+    Returns the folder, or None for a Hub repo id (`owner/name` that is not a local path: the Hub answers).
+    Raises `ModelFolderError` for a missing path, a file, a folder without `config.json` (or with one of
+    another model type), without `processor_config.json` (with `need_processor`), without weights, with a
+    truncated or damaged `.safetensors` file or a shard its index lists but the folder lacks.
+    """
+    text = os.fspath(path)
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        if _is_hub_id(text) and not text.startswith((".", "~")):
+            return None
+        raise ModelFolderError(f"{text}: no such model folder")
+    if not folder.is_dir():
+        raise ModelFolderError(f"{text}: is a file, expected a saved model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFolderError(f"{text}: no config.json: not a saved multimood model folder (save_pretrained writes "
+                               "config.json, the weights, processor_config.json and the tokenizer files)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFolderError(f"{config_path}: not a JSON config ({' '.join(str(error).split())})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "multimood":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise ModelFolderError(f"{config_path}: model_type is {found!r}, expected 'multimood' (convert a published "
+                               "checkpoint with `multimood convert`)")
+    if need_processor and not (folder / "processor_config.json").is_file():
+        raise ModelFolderError(f"{text}: no processor_config.json: the processor was not saved with the model "
+                               "(processor.save_pretrained(folder))")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            raise ModelFolderError(f"{index}: not a safetensors index ({' '.join(str(error).split())})") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelFolderError(f"{index}: lists shard(s) the folder lacks: {', '.join(missing)}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelFolderError(f"{text}: no model weights (*.safetensors)")
+    from safetensors import safe_open  # noqa: PLC0415
+
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for every damage
+            raise ModelFolderError(f"{file}: truncated or damaged safetensors file ({' '.join(str(error).split())})") from None
+    return folder
 
 
 def _load_config(model_or_folder):
@@ -672,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def push_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_model_folder(args.model)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     bases = {}
@@ -707,7 +769,9 @@ def push_main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "base_models",
+    "ModelFolderError",
     "check_hub_reachable",
+    "check_model_folder",
     "check_upload_folder",
     "eval_result_entries",
     "eval_results_table",
@@ -720,4 +784,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    sys.exit(push_main())
+    sys.exit(run_command("multimood push", push_main))

@@ -11,21 +11,32 @@ the parsed `client_emotion`, `therapist_emotion`, `strategy`, `response`, and `u
 label is missing or outside the label sets. The file is what `multimood evaluate` reads. Lines are
 written as batches finish. The prompt style is the saved processor's `prompt_style` unless
 `--prompt_style` overrides it.
+
+Bad input fails before the model loads where it can (flags, the model folder, the records file), with
+one line naming the file, line, record and field (docs/errors.md); `--output` may not be the input.
+Records whose targets are present must name the model's label sets (they give the `reference`).
+`--skip_errors` leaves out records that cannot be read or answered (malformed lines included) and lists
+them; `index` stays the record's position in the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .dataset_builder import iter_records
+from .cli import run_command
+from .dataset_builder import SplitReport, iter_located_records
+from .hub import ModelFolderError, check_model_folder
 from .pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
 from .processing_multimood import PROMPT_STYLES
+from .records import TARGET_FIELDS, MultimoodError, MultimoodRecordError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
                         help="force the label lines to the label sets (default); --no-constrained generates freely")
-    parser.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    parser.add_argument("--limit", type=int, default=None, help="answer only the first N records of the file")
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt token budget (default: the saved processor's model_max_length); the oldest "
                              "history is cut first, a record that does not fit without history is an error")
@@ -69,27 +80,70 @@ def _device(value: str | None) -> Any:
         return value
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values and files that make no sense, found before anything loads (`MultimoodError`)."""
+    at_least_one = ("batch_size", "max_new_tokens", "limit", "max_length", "num_beams")
+    for name in at_least_one:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MultimoodError(f"--{name} must be >= 1, got {value}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise MultimoodError(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise MultimoodError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if not os.path.isfile(args.data):
+        raise MultimoodError(f"--data {args.data}: " + ("is a folder, expected a records file" if os.path.isdir(args.data)
+                                                         else "no such file"))
+    output = Path(args.output)
+    if output.is_dir():
+        raise MultimoodError(f"--output {args.output}: is a folder, expected a file name")
+    if output.resolve() == Path(args.data).resolve() or (output.exists() and os.path.samefile(output, args.data)):
+        raise MultimoodError(f"--output {args.output} is the --data file: predictions would overwrite the records; "
+                             "choose another output path")
+    if args.video_folder is not None and not os.path.isdir(args.video_folder):
+        raise MultimoodError(f"--video_folder {args.video_folder}: no such folder")
+
+
 def load_pipeline(model: str, device=None, device_map=None, dtype="auto") -> EmotionalSupportPipeline:
-    """The pipeline of a saved folder (its model and processor code, this package's pipeline class)."""
+    """The pipeline of a saved folder (its model and processor code, this package's pipeline class).
+
+    A damaged folder (missing files, truncated weights) raises `ModelFolderError` naming the file.
+    """
     from transformers import pipeline  # noqa: PLC0415
 
+    folder = check_model_folder(model)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device is not None:
         kwargs["device"] = device
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return pipeline(TASK, model=model, trust_remote_code=True, pipeline_class=EmotionalSupportPipeline, **kwargs)
+    try:
+        return pipeline(TASK, model=model, trust_remote_code=True, pipeline_class=EmotionalSupportPipeline, **kwargs)
+    except (OSError, ValueError) as error:
+        if folder is None:  # `owner/name` that is neither a local folder nor a reachable Hub repo
+            raise ModelFolderError(f"{model}: no such local folder, and as a Hub repo id it could not be loaded "
+                                   f"({' '.join(str(error).split()[:40])})") from error
+        raise
 
 
 def reference_of(processor, record: dict, index: int, prompt_style: str | None = None) -> str | None:
-    """The gold four-line answer of a record (in the answer format of `prompt_style`, default the
-    processor's), or None when it lacks targets."""
-    if not all(record.get(k) for k in ("get_emotion_user_most_recent", "Emotion", "Strategy", "Utterance")):
+    """The gold four-line answer of a record (its targets checked against the label sets) in the answer
+    format of `prompt_style` (default: the processor's), or None when it lacks targets."""
+    if not all(record.get(k) is not None for k in TARGET_FIELDS):
         return None
-    try:
-        return processor.format_target(record, index=index, **({"prompt_style": prompt_style} if prompt_style else {}))
-    except ValueError:
-        return None
+    checked = processor.check_record(record, index, with_target=True)
+    return processor.format_target(checked, index=index, prompt_style=prompt_style)
+
+
+_BATCH_RECORD_NAME = re.compile(r"^(record \d+( \(Dialogue_ID=[^)]*\))?|Dialogue_ID=[^:]*): ")
+
+
+def _problem(error: Exception) -> str:
+    """An error's text without the name of the record in its batch that the processor and the media
+    readers put in front (the caller names the record by its file, line and position)."""
+    if isinstance(error, MultimoodRecordError):
+        return error.problem
+    return _BATCH_RECORD_NAME.sub("", " ".join(str(error).split()), count=1)
 
 
 def output_line(index: int, record: dict, answer: dict, reference: str | None) -> dict:
@@ -108,17 +162,38 @@ def output_line(index: int, record: dict, answer: dict, reference: str | None) -
 
 def predict_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit("--batch_size must be >= 1")
+    check_flags(args)
+    check_model_folder(args.model)
     from tqdm.auto import tqdm  # noqa: PLC0415
     from transformers import set_seed  # noqa: PLC0415
 
-    records = list(iter_records(args.data, require_targets=False))  # validated; targets optional
-    if args.limit is not None:
-        records = records[: args.limit]
+    read = SplitReport(files=[args.data])
+    located = [
+        (index, location, record)
+        for index, location, record in iter_located_records(args.data, False, args.skip_errors, read)
+        if args.limit is None or index < args.limit
+    ]
+    errors = list(read.problems)
+
+    def where(index: int, location: str, record: dict) -> str:
+        dialogue = f", Dialogue_ID={record['Dialogue_ID']}" if record.get("Dialogue_ID") is not None else ""
+        return f"{args.data} {location} (record {index}{dialogue})"
+
     set_seed(args.seed)
     start = time.time()
     pipe = load_pipeline(args.model, _device(args.device), args.device_map, args.dtype)
+    references: dict[int, str | None] = {}
+    kept = []
+    for index, location, record in located:  # the targets name the model's label sets (cheap, before generating)
+        try:
+            references[index] = reference_of(pipe.processor, record, index, args.prompt_style)
+        except MultimoodError as error:
+            message = f"{where(index, location, record)}: {_problem(error)}"
+            if not args.skip_errors:
+                raise MultimoodError(message + " (--skip_errors leaves out such records)") from None
+            errors.append(message)
+            continue
+        kept.append((index, location, record))
     generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.do_sample:
         generate_kwargs["do_sample"] = True
@@ -134,34 +209,33 @@ def predict_main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     written = unknown = 0
-    errors: list[str] = []
     load_time = time.time() - start
     with output.open("w", encoding="utf-8") as handle, tqdm(
-        total=len(records), unit="record", desc="predict", disable=args.quiet
+        total=len(kept), unit="record", desc="predict", disable=args.quiet
     ) as bar:
-        for begin in range(0, len(records), args.batch_size):
-            chunk = records[begin : begin + args.batch_size]
-            indices = list(range(begin, begin + len(chunk)))
+        for begin in range(0, len(kept), args.batch_size):
+            chunk = kept[begin : begin + args.batch_size]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*answers have labels.*")
                 try:
-                    answers = pipe(chunk, batch_size=len(chunk), **call_kwargs)
-                    pairs = list(zip(indices, chunk, answers))
+                    answers = pipe([record for _, _, record in chunk], batch_size=len(chunk), **call_kwargs)
+                    done = [(item, answer) for item, answer in zip(chunk, answers)]
                 except (ValueError, OSError, RuntimeError):
-                    pairs = []
-                    for index, record in zip(indices, chunk):  # find the records that fail
+                    done = []
+                    for item in chunk:  # find the records that fail
+                        index, location, record = item
                         try:
-                            pairs.append((index, record, pipe(record, **call_kwargs)))
+                            done.append((item, pipe(record, **call_kwargs)))
                         except (ValueError, OSError, RuntimeError) as single_error:
-                            message = f"record {index} of {args.data}: {single_error}"
+                            message = f"{where(index, location, record)}: {_problem(single_error)}"
                             if not args.skip_errors:
-                                raise SystemExit(
-                                    f"multimood predict: {message}\n(--skip_errors leaves out such records; "
-                                    f"{written} predictions were written to {output})"
+                                raise MultimoodError(
+                                    f"{message} (--skip_errors leaves out such records; {written} predictions "
+                                    f"were written to {output})"
                                 ) from single_error
                             errors.append(message)
-            for index, record, answer in pairs:
-                line = output_line(index, record, answer, reference_of(pipe.processor, record, index, args.prompt_style))
+            for (index, _, record), answer in done:
+                line = output_line(index, record, answer, references[index])
                 unknown += bool(line.get("unknown_labels"))
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
                 written += 1
@@ -183,7 +257,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-main = predict_main
+def main(argv: list[str] | None = None) -> int:
+    """`multimood predict` under the error contract (one line, exit 1; --debug for the traceback)."""
+    return run_command("multimood predict", predict_main, argv)
+
 
 if __name__ == "__main__":
-    sys.exit(predict_main())
+    sys.exit(main())

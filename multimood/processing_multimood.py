@@ -68,6 +68,14 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .feature_extraction_multimood import MultimoodFeatureExtractor
+from .records import (
+    MultimoodRecordError,
+    canonical_label,
+    normalize_history,
+    record_name,
+    validate_record,
+    validate_targets,
+)
 from .video_processing_multimood import MultimoodVideoProcessor
 
 VIDEO_TOKEN = "<video>"
@@ -298,30 +306,9 @@ _ANSWER_LINE = re.compile(
 )
 _PREFIX_TO_KEY = {p: key for key, _, ps in _ANSWER_FIELDS for p in ps}
 _TRAILING_SPECIALS = re.compile(r"(<\|im_end\|>|<\|endoftext\|>|<\|im_start\|>).*$", re.DOTALL)
-_SPEAKER_PREFIX = re.compile(r"^\s*(client|therapist)\s*:\s?", re.IGNORECASE)
-_ROLE_TO_SPEAKER = {"user": "client", "client": "client", "assistant": "therapist", "therapist": "therapist"}
+_ROLE_TO_SPEAKER = {"user": "client", "assistant": "therapist"}
 _SPEAKER_NAME = {"client": "Client", "therapist": "Therapist"}
 _RESERVED_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") + MULTIMOOD_SPECIAL_TOKENS
-
-
-class MultimoodRecordError(ValueError):
-    """A record that cannot be turned into model inputs; the message names the record and the field."""
-
-    def __init__(self, record_name: str, field: str | None, problem: str):
-        self.record_name = record_name
-        self.field = field
-        where = f"{record_name}, field '{field}'" if field else record_name
-        super().__init__(f"{where}: {problem}")
-
-
-def record_name(record: Any, index: int | None = None) -> str:
-    """`record 3 (Dialogue_ID=48)`: how errors refer to a record."""
-    parts = []
-    if index is not None:
-        parts.append(f"record {index}")
-    if isinstance(record, dict) and record.get("Dialogue_ID") is not None:
-        parts.append(f"(Dialogue_ID={record['Dialogue_ID']})" if parts else f"Dialogue_ID={record['Dialogue_ID']}")
-    return " ".join(parts) if parts else "record"
 
 
 def _neutralise(text: str) -> str:
@@ -330,17 +317,6 @@ def _neutralise(text: str) -> str:
         if token in text:
             text = text.replace(token, "< " + token[1:])
     return text
-
-
-def _canonical(value: str | None, labels: Sequence[str] | None) -> str | None:
-    """The label set's spelling of `value` when it names one of `labels` (case and spacing ignored)."""
-    if value is None or not labels:
-        return value
-    key = " ".join(value.lower().split()).rstrip(".")
-    for label in labels:
-        if " ".join(label.lower().split()) == key:
-            return label
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,41 +367,22 @@ def parse_output(
             if key != "response":
                 value = value.strip().strip("*").strip()
             result[key] = value or None
-    result["client_emotion"] = _canonical(result["client_emotion"], emotion_labels)
-    result["therapist_emotion"] = _canonical(result["therapist_emotion"], emotion_labels)
-    result["strategy"] = _canonical(result["strategy"], strategy_labels)
+    result["client_emotion"] = canonical_label(result["client_emotion"], emotion_labels)
+    result["therapist_emotion"] = canonical_label(result["therapist_emotion"], emotion_labels)
+    result["strategy"] = canonical_label(result["strategy"], strategy_labels)
     return result
 
 
-def _join(value: Any, record: Any, index: int | None, field_name: str, required: bool = True) -> str | None:
-    """A list of text fragments (or one string) joined with spaces."""
-    if value is None:
-        if required:
-            raise MultimoodRecordError(record_name(record, index), field_name, "is missing")
-        return None
-    if isinstance(value, str):
-        return " ".join(value.split())
-    if isinstance(value, (list, tuple)):
-        for i, fragment in enumerate(value):
-            if not isinstance(fragment, str):
-                raise MultimoodRecordError(
-                    record_name(record, index), field_name, f"item {i} is {type(fragment).__name__}, expected str"
-                )
-        return " ".join(" ".join(value).split())
-    raise MultimoodRecordError(
-        record_name(record, index), field_name, f"is {type(value).__name__}, expected a list of str or a str"
-    )
+def _join(fragments: Sequence[str]) -> str:
+    """Text fragments (a validated list of strings) joined with single spaces."""
+    return " ".join(" ".join(fragments).split())
 
 
-def _label_value(record: dict, index: int | None, field_name: str) -> str:
-    value = record.get(field_name)
-    if value is None:
-        raise MultimoodRecordError(record_name(record, index), field_name, "is missing (needed for the target)")
-    if not isinstance(value, str) or not value.strip():
-        raise MultimoodRecordError(
-            record_name(record, index), field_name, f"must be a non-empty str, got {value!r}"
-        )
-    return " ".join(value.split())
+def _target(targets: dict, prompt_style: str = "multimood") -> str:
+    """The four-line answer of checked targets (see `records.validate_targets`) in the answer format of
+    `prompt_style`."""
+    return format_answer(targets["get_emotion_user_most_recent"], targets["Emotion"], targets["Strategy"],
+                         _neutralise(_join(targets["Utterance"])), prompt_style)
 
 
 def format_target(
@@ -435,17 +392,12 @@ def format_target(
     index: int | None = None,
     prompt_style: str = "multimood",
 ) -> str:
-    """The four-line target of a record (labels in the label set's spelling when lists are given), in the
-    answer format of `prompt_style`."""
-    if not isinstance(record, dict):
-        raise MultimoodRecordError(record_name(record, index), None, f"is {type(record).__name__}, expected a dict")
-    client_emotion = _canonical(_label_value(record, index, "get_emotion_user_most_recent"), emotion_labels)
-    therapist_emotion = _canonical(_label_value(record, index, "Emotion"), emotion_labels)
-    strategy = _canonical(_label_value(record, index, "Strategy"), strategy_labels)
-    response = _join(record.get("Utterance"), record, index, "Utterance")
-    if not response:
-        raise MultimoodRecordError(record_name(record, index), "Utterance", "is empty (needed for the target)")
-    return format_answer(client_emotion, therapist_emotion, strategy, _neutralise(response), prompt_style)
+    """The four-line target of a record in the answer format of `prompt_style` (labels in the label set's
+    spelling when lists are given; a label outside them is kept as written here: `check_record(...,
+    with_target=True)` rejects it)."""
+    where = record_name(record, index)
+    targets = validate_targets(record, emotion_labels, strategy_labels, reject_unknown=False, where=where)
+    return _target(targets, prompt_style)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,43 +414,10 @@ def history_messages(record: dict, index: int | None = None) -> list[tuple[str, 
     alternate starting with the client. Empty messages are skipped.
     """
     history = record.get("history_chat")
-    name = record_name(record, index)
     if history is None:
         return []
-    if isinstance(history, str):
-        history = [history]
-    if not isinstance(history, (list, tuple)):
-        raise MultimoodRecordError(name, "history_chat", f"is {type(history).__name__}, expected a list")
-    messages: list[tuple[str, str]] = []
-    previous = "therapist"
-    for i, message in enumerate(history):
-        if isinstance(message, dict):
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(role, str) or role.lower() not in _ROLE_TO_SPEAKER:
-                raise MultimoodRecordError(
-                    name, "history_chat", f"message {i} has role {role!r}; expected 'user' (client) or 'assistant' (therapist)"
-                )
-            if not isinstance(content, str):
-                raise MultimoodRecordError(
-                    name, "history_chat", f"message {i} has content of type {type(content).__name__}, expected str"
-                )
-            speaker = _ROLE_TO_SPEAKER[role.lower()]
-        elif isinstance(message, str):
-            match = _SPEAKER_PREFIX.match(message)
-            if match:
-                speaker, content = match.group(1).lower(), message[match.end():]
-            else:
-                speaker = "client" if previous == "therapist" else "therapist"
-                content = message
-        else:
-            raise MultimoodRecordError(
-                name, "history_chat", f"message {i} is {type(message).__name__}, expected a dict or a str"
-            )
-        content = " ".join(content.split())
-        previous = speaker
-        if content:
-            messages.append((speaker, content))
-    return messages
+    messages = normalize_history(history, record_name(record, index))
+    return [(_ROLE_TO_SPEAKER[m["role"]], " ".join(m["content"].split())) for m in messages if m["content"].strip()]
 
 
 def merge_turns(messages: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -783,33 +702,26 @@ class MultimoodProcessor(ProcessorMixin):
             "Response: your empathetic reply to the client, in one paragraph"
         )
 
+    def check_record(self, record: Any, index: int | None = None, with_target: bool = False) -> dict:
+        """`record` validated (schema and this processor's label sets) in canonical form; raises
+        `MultimoodRecordError` naming the record and the field. The one check of training, inference and the
+        command-line tools (see `records.validate_record`)."""
+        return validate_record(
+            record, with_target, self.emotion_labels, self.strategy_labels, label_set=self._label_set_name(),
+            strict=False, where=record_name(record, index),
+        )
+
+    def _label_set_name(self) -> str | None:
+        """The label sets' name for messages, when they are a named set's."""
+        named = LABEL_SETS.get(self.label_set, {})
+        if named.get("emotion_labels") == self.emotion_labels and named.get("strategy_labels") == self.strategy_labels:
+            return self.label_set
+        return None
+
     def _check_record(self, record: Any, index: int | None, with_target: bool) -> _Sample:
         name = record_name(record, index)
-        if not isinstance(record, dict):
-            raise MultimoodRecordError(name, None, f"is {type(record).__name__}, expected a dict")
-        utterance = _join(record.get("utt_user_most_recent"), record, index, "utt_user_most_recent")
-        if not utterance:
-            raise MultimoodRecordError(name, "utt_user_most_recent", "is empty")
-        for key in ("situation", "problem_type"):
-            if record.get(key) is not None and not isinstance(record[key], str):
-                raise MultimoodRecordError(name, key, f"is {type(record[key]).__name__}, expected str")
-        clips = record.get("path_to_vid_user_most_recent")
-        if clips is None:
-            clips = []
-        elif isinstance(clips, str):
-            clips = [clips]
-        if not isinstance(clips, (list, tuple)):
-            raise MultimoodRecordError(
-                name, "path_to_vid_user_most_recent", f"is {type(clips).__name__}, expected a list of clip names"
-            )
-        for i, clip in enumerate(clips):
-            if not isinstance(clip, str) or not clip.strip():
-                raise MultimoodRecordError(
-                    name, "path_to_vid_user_most_recent", f"item {i} is {clip!r}, expected a clip file name"
-                )
-        mamba = record.get("history_chat_mamba")
-        if mamba is not None and not isinstance(mamba, str):
-            raise MultimoodRecordError(name, "history_chat_mamba", f"is {type(mamba).__name__}, expected str")
+        record = self.check_record(record, index, with_target)
+        clips = record["path_to_vid_user_most_recent"]
         used = list(clips)[-self.num_k_vid :] if self.num_k_vid > 0 else list(clips)
         sample = _Sample(
             index=index if index is not None else 0, record=record, name=name, clips=used, clip_offset=len(clips) - len(used)
@@ -817,7 +729,7 @@ class MultimoodProcessor(ProcessorMixin):
         sample.exchanges = group_exchanges(merge_turns(history_messages(record, index)))
         sample.history_utterances = self.history_utterance_ids(record, index)
         if with_target:
-            sample.target = self.format_target(record, index)
+            sample.target = _target(validate_targets(record, where=name), self.prompt_style)
         return sample
 
     def build_messages(
@@ -905,7 +817,7 @@ class MultimoodProcessor(ProcessorMixin):
             text("Earlier conversation (memory): ")
             parts.append({"type": "history"})
             text("\n")
-        utterance = _join(record.get("utt_user_most_recent"), record, sample.index, "utt_user_most_recent")
+        utterance = _join(record["utt_user_most_recent"])
         text(f"Client: {_neutralise(utterance)}\n\n")
         text(self.instructions())
         messages.append({"role": "user", "content": parts})
@@ -928,7 +840,7 @@ class MultimoodProcessor(ProcessorMixin):
         fields = {
             "problem_type": _neutralise(" ".join((record.get("problem_type") or "").split())),
             "situation": _neutralise(" ".join((record.get("situation") or "").split())),
-            "utterance": _neutralise(_join(record.get("utt_user_most_recent"), record, sample.index, "utt_user_most_recent")),
+            "utterance": _neutralise(_join(record["utt_user_most_recent"])),
         }
         before_media, after_media = (piece.format(**fields) for piece in template.split(VIDEO_TOKEN))
         parts: list[dict] = [{"type": "text", "text": before_media}]

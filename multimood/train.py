@@ -42,9 +42,9 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
 from .bad_samples import BadSampleScreen
-from .convert_videollama2_to_multimood import beats_config_from_cfg, read_beats_checkpoint
-from .dataset_builder import load_dialogues
-from .hub import check_hub_reachable, prepare_upload_folder, push_to_hub
+from .convert_videollama2_to_multimood import beats_config_from_cfg, load_pickled_weights, read_beats_checkpoint
+from .dataset_builder import iter_records, load_dialogues
+from .hub import check_hub_reachable, check_model_folder, prepare_upload_folder, push_to_hub
 from .pipeline_multimood import save_pipeline_files
 from .processing_multimood import PROMPT_STYLES
 
@@ -556,7 +556,7 @@ def _projector_weights(source: str) -> dict[str, torch.Tensor]:
                     if "mm_projector" in key:
                         tensors[key[key.index("mm_projector"):]] = f.get_tensor(key)
         else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = load_pickled_weights(file)
             for key, value in state.items():
                 if "mm_projector" in key and isinstance(value, torch.Tensor):
                     tensors[key[key.index("mm_projector"):]] = value
@@ -1086,8 +1086,76 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: M
     return trainer, result
 
 
+# The instructions and the four-line answer alone take ~160 tokens with the Qwen2 vocabulary (250 with the
+# default system prompt): a smaller text budget cannot hold any record.
+MIN_MODEL_MAX_LENGTH = 128
+
+
+def check_training_flags(model_args: ModelArguments, data_args: DataArguments,
+                         training_args: MultimoodTrainingArguments) -> None:
+    """Flags and inputs that cannot work, found before anything heavy loads: each raises `MultimoodError`
+    naming the flag (or the file, line and field of a bad record: the data files are validated here with
+    the label set the processor will use, so that a run never dies at its first batch on a record)."""
+    from .processing_multimood import LABEL_SETS  # noqa: PLC0415
+    from .records import MultimoodError  # noqa: PLC0415
+
+    def fail(message: str):
+        raise MultimoodError(message)
+
+    minimums = (
+        ("k_turn_history", data_args.k_turn_history, 0), ("num_k_vid", data_args.num_k_vid, 0),
+        ("num_frames", data_args.num_frames, 1), ("image_size", data_args.image_size, 1),
+        ("max_train_samples", data_args.max_train_samples, 1), ("lora_r", training_args.lora_r, 1),
+        ("model_max_length", training_args.model_max_length, MIN_MODEL_MAX_LENGTH),
+    )
+    for flag, value, minimum in minimums:
+        if value is not None and value < minimum:
+            why = " (the instructions and the answer format alone take more)" if flag == "model_max_length" else ""
+            fail(f"--{flag} must be >= {minimum}, got {value}{why}")
+    if not 0 <= training_args.lora_dropout < 1:
+        fail(f"--lora_dropout must be in [0, 1), got {training_args.lora_dropout}")
+    if training_args.lora_bias not in ("none", "all", "lora_only"):
+        fail(f"--lora_bias must be none, all or lora_only, got {training_args.lora_bias!r}")
+    if data_args.label_set not in LABEL_SETS:
+        fail(f"--label_set must be one of {', '.join(sorted(LABEL_SETS))}, got {data_args.label_set!r}")
+    if data_args.image_aspect_ratio not in (None, "pad", "none"):
+        fail(f"--image_aspect_ratio must be pad or none, got {data_args.image_aspect_ratio!r}")
+    if data_args.data_path is None:
+        fail("--data_path is required")
+    for flag, path in (("data_path", data_args.data_path), ("eval_data_path", data_args.eval_data_path),
+                       ("audio_tower", model_args.audio_tower), ("model_config", model_args.model_config)):
+        if path and not (flag == "model_config" and path.strip().startswith("{")) and not os.path.isfile(path):
+            fail(f"--{flag} {path}: no such file")
+    if data_args.vid_folder and not os.path.isdir(data_args.vid_folder):
+        fail(f"--vid_folder {data_args.vid_folder}: no such folder")
+    if model_args.model_config:
+        try:
+            read_model_config(model_args.model_config)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            fail(f"--model_config {model_args.model_config[:80]}: not JSON ({' '.join(str(error).split())})")
+    for flag in ("model_path", "tokenizer_path", "vision_tower", "mamba_compressor"):
+        path = getattr(model_args, flag)
+        if path and not os.path.exists(os.path.expanduser(path)) and (
+            path.startswith((".", "/", "~")) or path.count("/") != 1
+        ):
+            fail(f"--{flag} {path}: no such folder (and not a Hub repo id owner/name)")
+    label_set = data_args.label_set
+    if is_multimood_folder(model_args.model_path):
+        check_model_folder(model_args.model_path)
+        saved = json.loads((Path(model_args.model_path) / "processor_config.json").read_text(encoding="utf-8"))
+        named = LABEL_SETS.get(saved.get("label_set", "mesc"), {})
+        custom = any(saved.get(k) not in (None, named.get(k)) for k in ("emotion_labels", "strategy_labels"))
+        label_set = None if custom else saved.get("label_set", "mesc")
+    for path in (data_args.data_path, data_args.eval_data_path):
+        if path:
+            count = sum(1 for _ in iter_records(path, require_targets=True, label_set=label_set))
+            if count == 0:
+                fail(f"--data_path {path}: no records" if path == data_args.data_path else f"--eval_data_path {path}: no records")
+
+
 def main(argv: list[str] | None = None):
     model_args, data_args, training_args = parse_args(argv)
+    check_training_flags(model_args, data_args, training_args)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,

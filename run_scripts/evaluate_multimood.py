@@ -5,7 +5,8 @@
 
 import sys
 
-from multimood.evaluation import main
+from multimood.cli import run_command
+from multimood.evaluation import evaluate_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("evaluate_multimood.py", evaluate_command))

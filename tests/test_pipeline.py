@@ -32,6 +32,7 @@ from multimood.pipeline_multimood import (
 )
 from multimood.predict import predict_main
 from multimood.processing_multimood import MultimoodProcessor
+from multimood.records import MultimoodError
 from tests.model_utils import tiny_config
 
 # Small media (2 audio windows of 4 s, 2 clips) and a wider initialisation so that a random model's answers
@@ -475,13 +476,13 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
     data.write_text("".join(json.dumps(r) + "\n" for r in (records[0], broken, records[2])))
     args = ["--model", str(folder), "--data", str(data), "--video_folder", video_folder,
             "--output", str(tmp_path / "preds.jsonl"), "--batch_size", "3", "--max_new_tokens", "24", "--quiet"]
-    with pytest.raises(SystemExit, match=f"record 1 of {data}: .*missing_clip.mp4(.|\n)*--skip_errors"):
+    with pytest.raises(MultimoodError, match=f"{data} line 2 \\(record 1, Dialogue_ID=.*missing_clip.mp4.*--skip_errors"):
         predict_main(args)
     assert predict_main(args + ["--skip_errors"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 2]
-    assert "skipped record 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="record 0 of .*does not fit in max_length=16 tokens"):
+    assert f"skipped {data} line 2 (record 1, Dialogue_ID=6): clip" in capsys.readouterr().err
+    with pytest.raises(MultimoodError, match="line 1 \\(record 0, .*does not fit in max_length=16 tokens"):
         predict_main(args + ["--max_length", "16"])
 
 

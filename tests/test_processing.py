@@ -528,22 +528,22 @@ def _set(field, value):
 
 BAD_RECORDS = {
     "missing utterance": (_drop("utt_user_most_recent"), "utt_user_most_recent", "missing"),
-    "utterance not text": (_set("utt_user_most_recent", 42), "utt_user_most_recent", "expected a list of str"),
+    "utterance not text": (_set("utt_user_most_recent", 42), "utt_user_most_recent", "must be a list of strings, got int"),
     "utterance item not text": (_set("utt_user_most_recent", ["ok", None]), "utt_user_most_recent", "item 1"),
     "empty utterance": (_set("utt_user_most_recent", []), "utt_user_most_recent", "empty"),
-    "history not a list": (_set("history_chat", 3.5), "history_chat", "expected a list"),
+    "history not a list": (_set("history_chat", 3.5), "history_chat", "must be a list of messages"),
     "history bad role": (_set("history_chat", [{"role": "doctor", "content": "hi"}]), "history_chat", "role"),
     "history bad content": (_set("history_chat", [{"role": "user", "content": 1}]), "history_chat", "content"),
     "history item type": (_set("history_chat", [["Client", "hi"]]), "history_chat", "message 0"),
     "clips not a list": (_set("path_to_vid_user_most_recent", 7), "path_to_vid_user_most_recent", "list of clip"),
     "clip not a name": (_set("path_to_vid_user_most_recent", [""]), "path_to_vid_user_most_recent", "item 0"),
-    "mamba not text": (_set("history_chat_mamba", ["a"]), "history_chat_mamba", "expected str"),
-    "situation not text": (_set("situation", {"a": 1}), "situation", "expected str"),
+    "mamba not text": (_set("history_chat_mamba", ["a"]), "history_chat_mamba", "must be a string"),
+    "situation not text": (_set("situation", {"a": 1}), "situation", "must be a string"),
     "missing emotion": (_drop("Emotion"), "Emotion", "missing"),
     "missing client emotion": (_drop("get_emotion_user_most_recent"), "get_emotion_user_most_recent", "missing"),
     "strategy not text": (_set("Strategy", 3), "Strategy", "non-empty str"),
     "missing response": (_drop("Utterance"), "Utterance", "missing"),
-    "response not text": (_set("Utterance", {"x": 1}), "Utterance", "expected a list of str"),
+    "response not text": (_set("Utterance", {"x": 1}), "Utterance", "must be a list of strings, got dict"),
 }
 
 

@@ -42,12 +42,14 @@ def test_launchers_compose_parseable_flags(script, tmp_path):
         assert training_args.deepspeed.endswith("zero3.json")
 
 
-def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
+def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch, shared_data):
     """`run_multimood.py --push_to_hub` checks the Hub first: offline it stops at once, naming the repo."""
     from multimood.train import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = tmp_path / "records.jsonl"  # valid: the flags and records are checked before the Hub
+    records.write_text((shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[0] + "\n")
     with pytest.raises(RuntimeError, match="'someone/multimood-test'.*offline"):
-        main(["--data_path", str(tmp_path / "never_read.jsonl"), "--output_dir", str(tmp_path / "out"),
+        main(["--data_path", str(records), "--output_dir", str(tmp_path / "out"),
               "--push_to_hub", "True", "--hub_model_id", "someone/multimood-test"])
     assert not (tmp_path / "out").exists()
