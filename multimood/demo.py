@@ -287,7 +287,7 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
         for label, (_, has_audio) in zip(labels, tracks) if not has_audio
     ]
     if not any(has_audio for _, has_audio in tracks):
-        notices.append("None of the clips has an audio track: the model gets no audio for this turn.")
+        notices.append("None of the clips has an audio track: the model hears silence for this turn.")
         return None, [], notices
     starts = np.cumsum([0] + [len(samples) / rate for samples, _ in tracks])
     total = float(starts[-1])
