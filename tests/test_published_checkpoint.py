@@ -4,7 +4,8 @@
 weights, `pytorch_model.bin` + `config.json` as the published training saves them), the inputs it was called with
 and its float32 logits. `multimood convert` on that folder, then our model on the same inputs (each published
 sentinel replaced by our placeholder block), must give the same logits. The folder must also carry the published
-profile (prompt style, audio window rule, no memory injection, BEATs layer drop).
+profile (prompt style, audio window rule, no memory injection, BEATs layer drop, the published decoding), and
+`multimood predict` on it with no flags must feed the model the published eval prompts and decode as published.
 """
 
 from __future__ import annotations
