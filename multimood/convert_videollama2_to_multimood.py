@@ -37,8 +37,10 @@ processor setting `prompt_style` (default `"published-eval"`, the prompt of the 
 `inject_history_memory=False` (the published LLM never received the compressor's memory tokens; True only with
 `--prompt_style multimood`, whose prompts hold `<history>` placeholders), BEATs `encoder_layerdrop=0.05` (the
 published training value; inference is unaffected) and, for an `mlp2x_gelu` video projector, the published frame
-averaging (`video_frame_pooling="mean"`). `--config_overrides` is applied after the profile. The values written
-are listed under `profile` in `conversion_report.json`; docs/fidelity.md explains each.
+averaging (`video_frame_pooling="mean"`). `--config_overrides` is applied after the profile. Its
+`generation_config.json` holds the published evaluation's decoding (`PUBLISHED_GENERATION`: greedy, up to 2048 new
+tokens), which `multimood predict` uses unless told otherwise. The values written are listed under `profile` in
+`conversion_report.json`; docs/fidelity.md explains each.
 
 Vocabulary: the processor is built from `--tokenizer` (or the checkpoint folder when it holds a tokenizer)
 with `MultimoodProcessor.from_tokenizer`; its `<video> <audio> <history> <MEM>` ids go into the config.
@@ -106,6 +108,9 @@ PUBLISHED_DEFAULT_ASPECT_RATIO = "square"
 # The published BEATsConfig default, in effect in published training (the frozen tower stays in train mode).
 PUBLISHED_BEATS_LAYERDROP = 0.05
 PUBLISHED_AUDIO_WINDOW_RULE = "pytorchvideo-0.1.5"
+# the published evaluation's decoding (inference_eval: do_sample=False, max_new_tokens=2048; its temperature 0.0 and
+# top_p 0.9 do nothing in greedy decoding)
+PUBLISHED_GENERATION = {"do_sample": False, "max_new_tokens": 2048}
 PROMPT_STYLES = ("published-eval", "published-train", "multimood")
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
@@ -1019,6 +1024,9 @@ def convert(
     if output.exists():
         shutil.rmtree(output)  # only now: a failed conversion leaves an existing output alone
     output.mkdir(parents=True)
+    for name, value in PUBLISHED_GENERATION.items():
+        setattr(model.generation_config, name, value)
+        report.profile[f"generation_config.{name}"] = value
     model.save_pretrained(output)
     _save_published_processor(processor, output, prompt_style, report)
     _save_pipeline_files(output)

@@ -1,8 +1,8 @@
 """`multimood predict`: answer every record of a JSONL file with the "emotional-support" pipeline.
 
     multimood predict --model DIR --data records.jsonl --video_folder clips/ --output preds.jsonl \\
-        [--batch_size 8] [--max_new_tokens 256] [--no-constrained] [--limit N] [--max_length 4096] \\
-        [--skip_errors] [--device cuda:0] [--dtype bfloat16] [--prompt_style published-eval]
+        [--batch_size 8] [--max_new_tokens 256] [--constrained | --no-constrained] [--limit N] \\
+        [--max_length 4096] [--skip_errors] [--device cuda:0] [--dtype bfloat16] [--prompt_style published-eval]
 
 Each output line holds `index` (the record's position in the input), `Dialogue_ID` (when the record
 has one), `prediction` (the generated four-line answer), `reference` (the gold answer from the
@@ -17,6 +17,16 @@ one line naming the file, line, record and field (docs/errors.md); `--output` ma
 Records whose targets are present must name the model's label sets (they give the `reference`).
 `--skip_errors` leaves out records that cannot be read or answered (malformed lines included) and lists
 them; `index` stays the record's position in the file.
+
+Decoding defaults come from the model folder, so a folder written by `multimood convert` is decoded as the
+published evaluation did with no flags:
+- `--max_new_tokens`: the folder's `generation_config.json` (a converted published checkpoint holds the published
+  2048, greedy), else 256;
+- `--constrained`: on for the `multimood` prompt style (the label lines are forced to the label sets), off for the
+  published styles (the published evaluation generates freely);
+- `--dtype auto`: the checkpoint's dtype; with a published prompt style on a GPU, float16 (the published
+  evaluation's dtype). On CPU the checkpoint's dtype is kept: float16 on CPU is slow and less accurate.
+Each flag overrides its default.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .cli import run_command
 from .dataset_builder import SplitReport, iter_located_records
@@ -46,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video_folder", default=None, help="folder the records' clip names are relative to")
     parser.add_argument("--output", required=True, help="predictions JSONL to write")
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
-                        help="force the label lines to the label sets (default); --no-constrained generates freely")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="default: the model folder's generation_config (2048 for a converted published "
+                             "checkpoint), else 256")
+    parser.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
+                        help="force the label lines to the label sets; default: on for the multimood prompt style, "
+                             "off for the published styles (the published evaluation decodes freely)")
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N records of the file")
     parser.add_argument("--max_length", type=int, default=None,
                         help="prompt token budget (default: the saved processor's model_max_length); the oldest "
@@ -59,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None,
                         help="as in transformers: -1 / cpu / 0 / cuda:1 (default: GPU 0 if any)")
     parser.add_argument("--device_map", default=None, help="as in transformers, e.g. auto")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the checkpoint's dtype; float16 for a published prompt style on a GPU), "
+                             "float32, bfloat16, float16")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top_p", type=float, default=None)
@@ -126,6 +143,17 @@ def load_pipeline(model: str, device=None, device_map=None, dtype="auto") -> Emo
         raise
 
 
+def is_published_style(prompt_style: str) -> bool:
+    return prompt_style.startswith("published")
+
+
+def apply_published_dtype(pipe: EmotionalSupportPipeline, prompt_style: str) -> None:
+    """`--dtype auto` with a published prompt style: float16 on a GPU, as the published evaluation; the checkpoint's
+    dtype on CPU (float16 there is slow and less accurate)."""
+    if is_published_style(prompt_style) and pipe.model.device.type == "cuda" and pipe.model.dtype != torch.float16:
+        pipe.model.to(torch.float16)
+
+
 def reference_of(processor, record: dict, index: int, prompt_style: str | None = None) -> str | None:
     """The gold four-line answer of a record (its targets checked against the label sets) in the answer
     format of `prompt_style` (default: the processor's), or None when it lacks targets."""
@@ -182,6 +210,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     start = time.time()
     pipe = load_pipeline(args.model, _device(args.device), args.device_map, args.dtype)
+    prompt_style = args.prompt_style or getattr(pipe.processor, "prompt_style", None) or "multimood"
+    if args.dtype == "auto":
+        apply_published_dtype(pipe, prompt_style)
+    constrained = not is_published_style(prompt_style) if args.constrained is None else args.constrained
     references: dict[int, str | None] = {}
     kept = []
     for index, location, record in located:  # the targets name the model's label sets (cheap, before generating)
@@ -194,13 +226,15 @@ def predict_main(argv: list[str] | None = None) -> int:
             errors.append(message)
             continue
         kept.append((index, location, record))
-    generate_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    generate_kwargs: dict[str, Any] = {}
+    if args.max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
     if args.do_sample:
         generate_kwargs["do_sample"] = True
     for name in ("temperature", "top_p", "num_beams"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
-    call_kwargs = {"video_folder": args.video_folder, "constrained": args.constrained, **generate_kwargs}
+    call_kwargs = {"video_folder": args.video_folder, "constrained": constrained, **generate_kwargs}
     if args.max_length is not None:
         call_kwargs["processor_kwargs"] = {"max_length": args.max_length}
     if args.prompt_style is not None:
@@ -245,7 +279,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     summary = (
         f"[predict] wrote {written} predictions to {output} in {elapsed:.1f} s "
         f"({written / max(elapsed, 1e-9):.2f} records/s, batch_size {args.batch_size}, "
-        f"{'constrained' if args.constrained else 'free'} decoding)"
+        f"{prompt_style} prompts, {'constrained' if constrained else 'free'} decoding, dtype "
+        f"{str(pipe.model.dtype).replace('torch.', '')})"
     )
     if unknown:
         summary += f"; {unknown} with labels outside the label sets (see `unknown_labels`)"

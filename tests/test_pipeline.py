@@ -522,7 +522,8 @@ def test_pipeline_on_a_quickstart_model(tmp_path, shared_data, video_folder):
 
 def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder, tmp_path):
     """A published prompt style: the pipeline sends the processor's published prompt and constrains the
-    published answer format; `multimood predict --prompt_style` does the same and writes published references."""
+    published answer format; `multimood predict --prompt_style --constrained` does the same and writes published
+    references."""
     _, processor, folder = built
     style = "published-eval"
     sent = pipe.preprocess(records[:2], video_folder=video_folder, prompt_style=style)["model_inputs"]["input_ids"]
@@ -539,8 +540,9 @@ def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     output = tmp_path / "preds.jsonl"
+    # a published style decodes freely by default (the published evaluation); --constrained as the pipeline call above
     assert predict_main(["--model", str(folder), "--data", str(data), "--video_folder", video_folder, "--output",
-                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--quiet"]) == 0
+                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--constrained", "--quiet"]) == 0
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     for line, record, answer in zip(lines, records, answers):
         assert line["reference"] == processor.format_target(record, prompt_style=style)

@@ -4,20 +4,24 @@
 weights, `pytorch_model.bin` + `config.json` as the published training saves them), the inputs it was called with
 and its float32 logits. `multimood convert` on that folder, then our model on the same inputs (each published
 sentinel replaced by our placeholder block), must give the same logits. The folder must also carry the published
-profile (prompt style, audio window rule, no memory injection, BEATs layer drop).
+profile (prompt style, audio window rule, no memory injection, BEATs layer drop, the published decoding), and
+`multimood predict` on it with no flags must feed the model the published eval prompts and decode as published.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from multimood import MultimoodForConditionalGeneration
+from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
 from multimood.convert_videollama2_to_multimood import REPORT_NAME, convert, main
+from multimood.predict import predict_main
+from tests.test_prompt_styles import _expected
 
 GOLDEN = "golden/published/tiny_published_checkpoint"
 VIDEO_SENTINEL, HISTORY_SENTINEL = -201, -203  # the published code's placeholders
@@ -151,3 +155,77 @@ def test_prompt_style_option_overrides_the_profile(golden: Path, shared_data: Pa
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage line and exit status 2
         main([str(golden), str(tmp_path / "bad"), "--tokenizer", str(tokenizer), "--prompt_style", "ours"])
     assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+class PrefillRecorder:
+    """Records, for every `generate` of the real model, the prompt ids of its first forward and the number of
+    forwards (one per generated token), through a global forward hook: predict builds its own model."""
+
+    def __init__(self):
+        self.prompts: list[list[int]] = []
+        self.steps: list[int] = []
+        self.dtypes: set[torch.dtype] = set()
+
+    def __call__(self, module, args, kwargs, output):
+        if type(module).__name__ != "MultimoodForConditionalGeneration" or kwargs.get("input_ids") is None:
+            return
+        if kwargs.get("pixel_values_videos") is not None:  # media are read at prefill only
+            assert kwargs["input_ids"].shape[0] == 1
+            self.prompts.append(kwargs["input_ids"][0].tolist())
+            self.steps.append(0)
+            self.dtypes.add(module.dtype)
+        self.steps[-1] += 1
+
+
+def run_predict(argv: list[str]) -> tuple[PrefillRecorder, list[dict]]:
+    recorder = PrefillRecorder()
+    handle = torch.nn.modules.module.register_module_forward_hook(recorder, with_kwargs=True)
+    try:
+        assert predict_main(argv) == 0
+    finally:
+        handle.remove()
+    output = Path(argv[argv.index("--output") + 1])
+    return recorder, [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def eval_rows(golden: Path) -> list[dict]:
+    with open(golden.parent / "prompts_eval.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line, _ in zip(handle, range(2))]
+
+
+@pytest.fixture(scope="module")
+def eval_records(tmp_path_factory, shared_data: Path, eval_rows: list[dict]) -> Path:
+    """The golden eval rows' records, as a records file for `multimood predict`."""
+    with open(shared_data / "records" / "mesc_val_records.jsonl", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    path = tmp_path_factory.mktemp("predict") / "records.jsonl"
+    path.write_text("".join(json.dumps(records[row["index"]]) + "\n" for row in eval_rows), encoding="utf-8")
+    return path
+
+
+def test_convert_then_predict_is_the_published_evaluation(
+    converted: Path, shared_data: Path, eval_rows: list[dict], eval_records: Path, tmp_path: Path
+):
+    """convert -> predict with no flags: the model's prompts are the published eval ids, decoding is the published
+    one (free, greedy, the folder's max_new_tokens), and on CPU the checkpoint's dtype is kept. The folder holds the
+    published 2048 new tokens; predict runs on a copy that asks for 2, so that the test does not generate 2048."""
+    generation = json.loads((converted / "generation_config.json").read_text(encoding="utf-8"))
+    assert generation["max_new_tokens"] == 2048 and generation.get("do_sample", False) is False
+    folder = tmp_path / "short"
+    shutil.copytree(converted, folder)
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 2}), encoding="utf-8")
+
+    recorder, lines = run_predict([
+        "--model", str(folder), "--data", str(eval_records), "--video_folder", str(shared_data / "media" / "video"),
+        "--output", str(tmp_path / "preds.jsonl"), "--device", "cpu", "--quiet",
+    ])
+    processor = MultimoodProcessor.from_pretrained(converted)
+    assert len(recorder.prompts) == len(eval_rows) == len(lines)
+    for prompt, row in zip(recorder.prompts, eval_rows):
+        n_video, n_audio = prompt.count(processor.video_token_id), prompt.count(processor.audio_token_id)
+        assert n_video > 0 and n_audio > 0
+        assert prompt == _expected(processor, row, n_video, n_audio)[0], f"eval prompt of record {row['index']}"
+    assert recorder.steps == [2] * len(eval_rows)  # the folder's max_new_tokens, not predict's own 256
+    assert not any(line["prediction"].startswith("Client") for line in lines)  # free: constrained starts so
+    assert recorder.dtypes == {torch.float32}  # CPU: the checkpoint's dtype (float16 only on a GPU)
