@@ -85,7 +85,7 @@ def loss_and_gradients(model, batch, autocast_dtype: torch.dtype | None) -> tupl
         loss = model(**batch).loss
     loss.backward()
     grads = [p.grad.float().flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]
-    return float(loss), torch.cat(grads)
+    return float(loss.detach()), torch.cat(grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
