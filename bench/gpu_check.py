@@ -167,6 +167,14 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _memory_text(gib: float | None) -> str:
+    return f", peak {gib:.1f} GiB" if gib is not None else ""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,17 +259,17 @@ def training_benchmark(model, args, device: torch.device) -> Row:
         "achieved_tflops": flops / seconds / 1e12,
         "peak_bf16_tflops": peak,
         "mfu": flops / seconds / (peak * 1e12) if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": _peak_memory(device),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
     model.activation_checkpointing_disable()
     del optimizer, batch
     model.zero_grad(set_to_none=True)
     mfu = f", MFU {figures['mfu']:.1%} of {peak:g} TFLOP/s" if peak else " (peak unknown: pass --peak_tflops for MFU)"
     detail = (f"{seconds:.2f} s/step, {figures['tokens_per_second']:,.0f} tokens/s, "
-              f"{figures['achieved_tflops']:.0f} TFLOP/s{mfu}, peak {figures['peak_memory_gib']:.1f} GiB")
+              f"{figures['achieved_tflops']:.0f} TFLOP/s{mfu}{_memory_text(figures['peak_memory_gib'])}")
     name = f"MultimoodConfig() bf16 step, batch {args.batch_size} x {figures['sequence_tokens']} tokens"
     return Row("train", name, "ok", detail, figures)
 
@@ -300,10 +308,10 @@ def generation_benchmark(model, batch_size: int, args, device: torch.device) -> 
         "total_seconds": total,
         "decode_tokens_per_second": batch_size * (generated - 1) / decode,
         "new_tokens_per_second": batch_size * generated / total,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": _peak_memory(device),
     }
     detail = (f"prefill {prefill:.2f} s, decode {figures['decode_tokens_per_second']:,.0f} tokens/s, "
-              f"{figures['new_tokens_per_second']:,.0f} new tokens/s end to end, peak {figures['peak_memory_gib']:.1f} GiB")
+              f"{figures['new_tokens_per_second']:,.0f} new tokens/s end to end{_memory_text(figures['peak_memory_gib'])}")
     return Row("generate", f"batch {batch_size}, {figures['prompt_tokens']} prompt + {generated} new tokens", "ok", detail, figures)
 
 

@@ -308,3 +308,20 @@ def test_gpu_check_on_cpu_lists_its_skips(tmp_path):
     for row in rows:
         assert row["name"] in proc.stdout and "skipped" in proc.stdout
     assert summary["table"] in proc.stdout
+
+
+def test_benchmark_code_runs_on_a_tiny_model_on_cpu():
+    """The training and generation benchmarks' code on a tiny config on the CPU (a smoke check of what
+    `bench/gpu_check.sh` runs at full size on CUDA): figures are consistent with the inputs."""
+    gpu_check = _gpu_check()
+    model = build("cpu", audio_max_seconds=4.0, audio_num_windows=2)
+    args = gpu_check.build_parser().parse_args(["--batch_size", "2", "--text_tokens", "160", "--steps", "1",
+                                                "--new_tokens", "3"])
+    train = gpu_check.training_benchmark(model, args, torch.device("cpu"))
+    figures = train.figures
+    assert train.status == "ok" and figures["sequence_tokens"] == 160 + 8 + 24 * 8 + 8
+    assert figures["tokens_per_second"] == pytest.approx(2 * figures["sequence_tokens"] / figures["step_seconds"])
+    assert figures["model_tflop_per_step"] > figures["llm_6nt_tflop_per_step"] > 0  # towers and connector on top
+    assert figures["mfu"] is None and figures["peak_memory_gib"] is None
+    generate = gpu_check.generation_benchmark(model.to(torch.bfloat16).eval(), 2, args, torch.device("cpu"))
+    assert generate.status == "ok" and generate.figures["new_tokens"] == 3
