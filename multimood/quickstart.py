@@ -54,7 +54,8 @@ def tiny_model_config(vocab_size: int, num_frames: int = 4, image_size: int = 56
     return {
         "text_config": {
             "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": text_hidden_size,
-            "intermediate_size": 2 * text_hidden_size, "num_hidden_layers": text_layers, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+            "intermediate_size": 2 * text_hidden_size, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": True,
             "max_position_embeddings": 4096,
         },
         "vision_config": {
@@ -373,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
     report = heldout_report(answers, golds, [gold_answer(processor, r) for r in records])
     rows = example_rows(golds)
     dialogues = len({r["Dialogue_ID"] for r in heldout})
-    print(f"[quickstart] predictions on held-out turns (dialogues not seen in training; ok = matches gold):", flush=True)
+    print("[quickstart] predictions on held-out turns (dialogues not seen in training; ok = matches gold):", flush=True)
     print(format_table(heldout, answers, golds, rows))
     print(f"[quickstart] accuracy on the {len(heldout)} held-out turns of {dialogues} dialogues "
           "(majority-label baseline in brackets):")
