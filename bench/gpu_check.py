@@ -24,9 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
-from xml.etree import ElementTree
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
