@@ -1,14 +1,18 @@
 """`multimood quickstart`: train a tiny MultiMood end to end on a fresh machine, with no downloads.
 
 1. writes a handful of short clips (a drawn face that nods and talks, with a voice-like tone track;
-   one clip has no audio track) with PyAV into `DIR/data/videos`,
-2. copies the sample dialogues shipped with the package (`multimood/sample_data/dialogues.jsonl`),
-3. trains a small byte-level BPE tokenizer on them with `tokenizers` (Qwen2-style specials), unless
-   `--tokenizer PATH` names a real one,
-4. builds a tiny random MultiMood (every block of the published architecture, a few hundred thousand
-   parameters; 4 frames of 56 px) and trains it a few dozen steps with the real `Trainer`,
+   one clip has no audio track) with PyAV into `DIR_data/videos`,
+2. copies the sample dialogues shipped with the package (`multimood/sample_data/`: 161 training turns in
+   `dialogues.jsonl`, 32 turns of other dialogues in `heldout.jsonl`; made by `write_dialogues.py`),
+3. trains a small byte-level BPE tokenizer on the training turns with `tokenizers` (Qwen2-style specials),
+   unless `--tokenizer PATH` names a real one,
+4. builds a tiny random MultiMood (every block of the published architecture, about 0.3M parameters;
+   4 frames of 56 px) and trains it 300 steps of 4 turns with the real `Trainer` (about 2 minutes on 2
+   idle cores; the 60 steps of earlier versions only learned the label priors),
 5. saves the complete model folder as `DIR`, reloads it with `AutoModelForCausalLM` / `AutoProcessor`
-   (`trust_remote_code=True`) and prints the prediction of one record as JSON.
+   (`trust_remote_code=True`), answers the held-out turns with the pipeline and prints a few of them
+   (gold and predicted labels with probabilities, responses) and each label's accuracy next to the
+   majority-label baseline.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from .pipeline_multimood import LABEL_FIELDS
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TRAIN_FILE, HELDOUT_FILE = "dialogues.jsonl", "heldout.jsonl"  # in multimood/sample_data (write_dialogues.py)
 
 # (file name, seconds, hue, has audio, pitch Hz)
 SAMPLE_CLIPS = [
@@ -37,12 +45,17 @@ SAMPLE_CLIPS = [
 ]
 
 
-def tiny_model_config(vocab_size: int, num_frames: int = 4, image_size: int = 56) -> dict:
+DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE = 300, 4, 5e-3
+
+
+def tiny_model_config(vocab_size: int, num_frames: int = 4, image_size: int = 56, text_hidden_size: int = 64,
+                      text_layers: int = 2) -> dict:
     """MultimoodConfig kwargs of a tiny random model (the architecture of tests/model_utils.py)."""
     return {
         "text_config": {
-            "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+            "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": text_hidden_size,
+            "intermediate_size": 2 * text_hidden_size, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": True,
             "max_position_embeddings": 4096,
         },
         "vision_config": {
@@ -146,15 +159,16 @@ def write_clip(path: Path, seconds: float, skin=(220, 180, 150), audio: bool = T
 
 
 def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the sample clips and dialogues; returns (records file, video folder)."""
+    """Write the sample clips and dialogues (training turns, and `heldout.jsonl` beside them);
+    returns (training records file, video folder)."""
     data_dir = Path(data_dir)
     video_dir = data_dir / "videos"
     for seed, (name, seconds, skin, audio, pitch) in enumerate(SAMPLE_CLIPS):
         write_clip(video_dir / name, seconds, skin, audio, pitch or 150.0, seed=seed)
-    records = data_dir / "dialogues.jsonl"
-    source = resources.files("multimood").joinpath("sample_data/dialogues.jsonl")
-    records.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    return records, video_dir
+    for name in (TRAIN_FILE, HELDOUT_FILE):
+        source = resources.files("multimood").joinpath(f"sample_data/{name}")
+        (data_dir / name).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return data_dir / TRAIN_FILE, video_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,21 +237,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimood quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (replaced if it holds an earlier model)")
     parser.add_argument("--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one")
-    parser.add_argument("--max_steps", type=int, default=60)
-    parser.add_argument("--learning_rate", type=float, default=5e-3)
+    parser.add_argument("--max_steps", type=int, default=DEFAULT_STEPS, help="training steps (tests use a few)")
+    parser.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--num_frames", type=int, default=4)
     parser.add_argument("--image_size", type=int, default=56)
-    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default=None, help="where the sample data goes (default DIR_data beside DIR)")
     return parser
+
+
+def gold_answer(processor, record: dict) -> dict[str, str | None]:
+    """The record's labels and response, spelled as the model answers them."""
+    return processor.parse_output(processor.format_target(record))
+
+
+def heldout_report(answers: list[dict], golds: list[dict], train_golds: list[dict]) -> dict[str, dict[str, float]]:
+    """Per label field: accuracy of `answers` on the held-out turns, and of always answering the training
+    data's most frequent label (the majority-label baseline)."""
+    report = {}
+    for field in LABEL_FIELDS:
+        majority = Counter(g[field] for g in train_golds).most_common(1)[0][0]
+        report[field] = {
+            "accuracy": sum(a[field] == g[field] for a, g in zip(answers, golds)) / len(golds),
+            "majority_baseline": sum(g[field] == majority for g in golds) / len(golds),
+            "majority_label": majority,
+        }
+    return report
+
+
+def example_rows(golds: list[dict], count: int = 6) -> list[int]:
+    """Indices of up to `count` held-out turns with different gold client emotions (first of each, in order)."""
+    rows, seen = [], set()
+    for i, gold in enumerate(golds):
+        if gold["client_emotion"] not in seen:
+            rows.append(i)
+            seen.add(gold["client_emotion"])
+    return rows[:count]
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(records: list[dict], answers: list[dict], golds: list[dict], rows: list[int]) -> str:
+    """A plain-text table: client words, gold -> predicted labels (with the predicted label's probability)."""
+    lines = []
+    for i in rows:
+        answer, gold = answers[i], golds[i]
+        scores = answer.get("label_scores", {})
+        lines.append(f"client: {_cut(' '.join(records[i]['utt_user_most_recent']), 96)}")
+        for field, name in (("client_emotion", "client emotion"), ("therapist_emotion", "therapist emotion"),
+                            ("strategy", "strategy")):
+            probability = scores.get(field, {}).get(answer[field])
+            mark = "ok" if answer[field] == gold[field] else "--"
+            shown = f"{answer[field]} ({probability:.2f})" if probability is not None else str(answer[field])
+            lines.append(f"  {mark} {name:<17} gold {gold[field]:<22} predicted {shown}")
+        lines.append(f"     response          gold {_cut(gold['response'], 70)}")
+        lines.append(f"                       predicted {_cut(answer['response'] or '', 70)}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
     from . import train as multimood_train  # noqa: PLC0415
     from .pipeline_multimood import EmotionalSupportPipeline  # noqa: PLC0415
@@ -252,13 +318,13 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[quickstart] writing sample clips and dialogues to {data_dir}", flush=True)
     records_path, video_dir = write_sample_data(data_dir)
     records = list(multimood_train.load_records(records_path))
+    heldout = list(multimood_train.load_records(records_path.with_name(HELDOUT_FILE)))
     if args.tokenizer:
         tokenizer_path = args.tokenizer
     else:
         tokenizer_path = str(data_dir / "tokenizer")
         tokenizer = train_tokenizer(records, tokenizer_path)
         print(f"[quickstart] trained a byte-level BPE tokenizer ({len(tokenizer)} tokens)", flush=True)
-    from transformers import AutoTokenizer  # noqa: PLC0415
 
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_path)) + 4  # + <video> <audio> <history> <MEM>
     vocab_size = -(-vocab_size // 8) * 8
@@ -277,42 +343,57 @@ def run(args: argparse.Namespace) -> dict:
         "--max_steps", str(args.max_steps),
         "--per_device_train_batch_size", str(args.batch_size),
         "--learning_rate", str(args.learning_rate),
-        "--warmup_ratio", "0.1",
+        "--warmup_ratio", "0.05",
         "--lr_scheduler_type", "cosine",
         "--weight_decay", "0.0",
-        "--logging_steps", "5",
+        "--logging_steps", str(max(1, args.max_steps // 10)),
         "--save_strategy", "no",
         "--report_to", "none",
         "--model_max_length", "4096",  # the position range: long real records (MESC) still fit at inference
         "--seed", str(args.seed),
         "--dataloader_num_workers", "0",
-        "--disable_tqdm", "False",
+        "--disable_tqdm", "True",
     ]
-    print(f"[quickstart] training a tiny MultiMood for {args.max_steps} steps", flush=True)
+    print(f"[quickstart] training a tiny MultiMood on {len(records)} turns for {args.max_steps} steps "
+          f"of {args.batch_size}", flush=True)
     trainer, result = multimood_train.main(argv)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     del trainer
     if checkpoints.exists():
         shutil.rmtree(checkpoints)
+    if losses:
+        print(f"[quickstart] loss {losses[0]:.2f} -> {losses[-1]:.2f} in {result.metrics['train_runtime']:.0f} s", flush=True)
 
     print(f"[quickstart] reloading {output_dir} with AutoModelForCausalLM / AutoProcessor", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(str(output_dir), trust_remote_code=True)
-    record = records[0]
     # The pipeline constrains the three label lines to the label sets, as `multimood predict` does.
     support = EmotionalSupportPipeline(model=model.eval(), processor=processor, device="cpu")
-    prediction = support(record, video_folder=str(video_dir), max_new_tokens=48)
-    summary = {
+    answers = support(heldout, video_folder=str(video_dir), batch_size=8, max_new_tokens=48, return_label_scores=True)
+    golds = [gold_answer(processor, r) for r in heldout]
+    report = heldout_report(answers, golds, [gold_answer(processor, r) for r in records])
+    rows = example_rows(golds)
+    dialogues = len({r["Dialogue_ID"] for r in heldout})
+    print("[quickstart] predictions on held-out turns (dialogues not seen in training; ok = matches gold):", flush=True)
+    print(format_table(heldout, answers, golds, rows))
+    print(f"[quickstart] accuracy on the {len(heldout)} held-out turns of {dialogues} dialogues "
+          "(majority-label baseline in brackets):")
+    for field, item in report.items():
+        print(f"  {field:<18} {item['accuracy']:.2f}   (always {item['majority_label']!r}: {item['majority_baseline']:.2f})")
+    wall = time.time() - start
+    print(f"[quickstart] done in {wall:.0f} s: model folder {output_dir}, sample data {data_dir}", flush=True)
+    return {
         "output_dir": str(output_dir),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", float("nan")), 1),
-        "wall_time_s": round(time.time() - start, 1),
-        "record": {"Dialogue_ID": record.get("Dialogue_ID"), "client": " ".join(record["utt_user_most_recent"])},
-        "prediction": {k: prediction.get(k) for k in ("client_emotion", "therapist_emotion", "strategy", "response")},
+        "wall_time_s": round(wall, 1),
+        "heldout_accuracy": report,
+        "examples": [{"client": " ".join(heldout[i]["utt_user_most_recent"]), "gold": golds[i],
+                      "prediction": {k: answers[i][k] for k in (*LABEL_FIELDS, "response")},
+                      "label_scores": answers[i].get("label_scores")} for i in rows],
+        "prediction": {k: answers[0][k] for k in (*LABEL_FIELDS, "response")},
     }
-    print(json.dumps(summary, indent=2, ensure_ascii=False), flush=True)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
