@@ -2,7 +2,9 @@
 
 A developer without the real data (or without an optional extra) gets skips with the reason. In CI
 (`MULTIMOOD_TEST_STRICT=1`, exported by `.ci/run`, or `CI=true`) every skip is turned into a failure
-that keeps the reason: a missing data folder or a broken optional import must not pass silently.
+that keeps the reason: a missing data folder or a broken optional import must not pass silently. The
+one exception is hardware: on a machine without CUDA, strict mode deselects the `gpu` tests (the header
+says how many and why) instead of failing them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,17 @@ def pytest_report_header(config):
     if strict_mode():
         return "multimood strict mode (MULTIMOOD_TEST_STRICT=1 or CI=true): skips are failures"
     return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Strict mode without CUDA: deselect the `gpu` tests (they need hardware this machine lacks)."""
+    if not strict_mode() or torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)
+        config.get_terminal_writer().line(f"multimood strict mode: {len(gpu)} gpu tests deselected (CUDA is not available)")
 
 
 def _as_failure(report, where: str) -> None:

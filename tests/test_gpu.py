@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_utils import multimodal_batch, tiny_config
+from tests.model_utils import multimodal_batch, tiny_config
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 
