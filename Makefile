@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 EXTRAS ?= train,eval,test,demo
 
-.PHONY: install test test-fast quickstart demo clean
+.PHONY: install test test-fast quickstart demo gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ quickstart: install
 
 demo: quickstart
 	$(BIN)/multimood demo --model outputs/quickstart
+
+gpu-check: install
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
