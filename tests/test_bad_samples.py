@@ -108,7 +108,7 @@ def test_skip_leaves_the_bad_records_out_and_lists_them(data, tmp_path, caplog):
     good = [record for index, record in enumerate(data["all"]) if index not in BAD_CLIPS]
     assert kept["path_to_vid_user_most_recent"] == [record["path_to_vid_user_most_recent"] for record in good]
     assert [item["clip"] for item in _listed(out)] == [clip for _, clip in sorted(BAD_CLIPS.items())]
-    assert "left out 3 of 12 records" in caplog.text
+    assert f"left out {len(BAD_CLIPS)} of {len(data['all'])} records" in caplog.text
     assert (out / "model.safetensors").exists()
 
 
@@ -142,7 +142,7 @@ def test_damage_found_mid_run_names_the_file_line_and_keeps_the_checkpoints(data
     """A clip whose data is damaged inside probes fine and fails when its batch is built. The error names the
     record's line in the file (not its position in the batch), the checkpoints written before it stay complete, and
     a resumed run with `skip` finishes, listing the record."""
-    good = [record for index, record in enumerate(data["all"]) if index not in BAD_CLIPS]
+    good = [record for index, record in enumerate(data["all"]) if index not in BAD_CLIPS][:9]
     videos = tmp_path / "videos"
     shutil.copytree(data["videos"], videos)
     records = tmp_path / "records.jsonl"

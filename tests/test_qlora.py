@@ -36,8 +36,9 @@ MERGED_LOGITS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def mixed_records(sample_data, tmp_path_factory):  # noqa: F811
-    """The sample dialogues with every third record made text-only (no clips)."""
-    records = [json.loads(line) for line in Path(sample_data["records"]).read_text().splitlines()]
+    """The first 12 sample dialogue turns with every third record made text-only (no clips): two steps of the
+    modality-grouped sampler then see both kinds of batch."""
+    records = [json.loads(line) for line in Path(sample_data["records"]).read_text().splitlines()][:12]
     for record in records[::3]:
         record["path_to_vid_user_most_recent"] = []
     path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
