@@ -39,9 +39,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from multimood.feature_extraction_multimood import MultimoodFeatureExtractor  # noqa: E402
-from multimood.media import decode_frames, map_threads, probe_clip, sample_timeline  # noqa: E402
-from multimood.video_processing_multimood import MultimoodVideoProcessor, _normalisation_table  # noqa: E402
+from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor  # noqa: E402
+from multimood.model.media import decode_frames, map_threads, probe_clip, sample_timeline  # noqa: E402
+from multimood.model.video_processing_multimood import MultimoodVideoProcessor, _normalisation_table  # noqa: E402
 
 CLIPS = [
     "retalking_face_1.mp4",

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from multimood import MultimoodForConditionalGeneration  # noqa: E402
-from multimood.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
-from multimood.processing_multimood import MultimoodProcessor  # noqa: E402
+from multimood.model.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
+from multimood.model.processing_multimood import MultimoodProcessor  # noqa: E402
 
 
 def tiny_model_folder(data: Path, folder: Path) -> Path:

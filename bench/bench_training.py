@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the tiny MultiMood config on the real data, and how long each step waits for data.
 
 The real path end to end: MESC records (`shared/data/records/mesc_val_records.jsonl`), the real clips
-(`shared/data/media/video`, 720p H.264 + AAC), the real Qwen2 tokenizer, `multimood.train.main` with the HF `Trainer`
+(`shared/data/media/video`, 720p H.264 + AAC), the real Qwen2 tokenizer, `multimood.training.train.main` with the HF `Trainer`
 and `MultimoodDataCollator` (decoding runs in the DataLoader workers), a tiny random model
 (`quickstart.tiny_model_config`). Each setting (frames x size, `dataloader_num_workers`) runs in a fresh process:
 
@@ -36,7 +36,7 @@ TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood tokens (tests/
 
 
 def _argv(args, frames: int, size: int, workers: int, output_dir: str, records: Path) -> list[str]:
-    from multimood import quickstart  # noqa: PLC0415
+    from multimood.training import quickstart  # noqa: PLC0415
 
     config = quickstart.tiny_model_config(TINY_VOCAB, num_frames=frames, image_size=size)
     return [
@@ -61,8 +61,8 @@ def run_one(args, frames: int, size: int, workers: int) -> dict:
     import torch  # noqa: PLC0415
     from transformers import TrainerCallback  # noqa: PLC0415
 
-    from multimood import train as mm_train  # noqa: PLC0415
-    from multimood.processing_multimood import MultimoodDataCollator  # noqa: PLC0415
+    from multimood.training import train as mm_train  # noqa: PLC0415
+    from multimood.model.processing_multimood import MultimoodDataCollator  # noqa: PLC0415
 
     n_records = (args.steps + 2) * args.batch_size
     lines = (args.data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:n_records]
@@ -109,7 +109,7 @@ def run_one(args, frames: int, size: int, workers: int) -> dict:
             return result
 
     original = mm_train.Trainer
-    mm_train.Trainer = TimedTrainer  # `multimood.train.train` builds its Trainer through this name
+    mm_train.Trainer = TimedTrainer  # `multimood.training.train.train` builds its Trainer through this name
     try:
         start = time.perf_counter()
         trainer, result = mm_train.main(argv)

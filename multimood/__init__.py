@@ -17,13 +17,13 @@ from transformers import (
     AutoVideoProcessor,
 )
 
-from .configuration_multimood import BeatsConfig, MultimoodConfig
-from .modeling_beats import BeatsModel
-from .feature_extraction_multimood import MultimoodFeatureExtractor
-from .modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
-from .pipeline_multimood import EmotionalSupportPipeline, save_pipeline_files
-from .processing_multimood import MultimoodDataCollator, MultimoodProcessor, parse_output
-from .video_processing_multimood import MultimoodVideoProcessor
+from .model.configuration_multimood import BeatsConfig, MultimoodConfig
+from .model.modeling_beats import BeatsModel
+from .model.feature_extraction_multimood import MultimoodFeatureExtractor
+from .model.modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
+from .model.pipeline_multimood import EmotionalSupportPipeline, save_pipeline_files
+from .model.processing_multimood import MultimoodDataCollator, MultimoodProcessor, parse_output
+from .model.video_processing_multimood import MultimoodVideoProcessor
 
 __version__ = "0.1.0"
 

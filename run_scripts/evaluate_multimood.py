@@ -6,7 +6,7 @@
 import sys
 
 from multimood.cli import run_command
-from multimood.evaluation import evaluate_command
+from multimood.evaluation.metrics import evaluate_command
 
 if __name__ == "__main__":
     sys.exit(run_command("evaluate_multimood.py", evaluate_command))

@@ -13,7 +13,7 @@ non-zero exit (`--debug` or MULTIMOOD_DEBUG=1 for the traceback).
 import sys
 
 from multimood.cli import run_command
-from multimood.grpo import main
+from multimood.training.grpo import main
 
 if __name__ == "__main__":
     sys.exit(run_command("run_grpo.py", main))

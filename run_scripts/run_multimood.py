@@ -6,7 +6,7 @@ Errors follow the `multimood` contract: one line and a non-zero exit (`--debug` 
 import sys
 
 from multimood.cli import run_command
-from multimood.train import main
+from multimood.training.train import main
 
 if __name__ == "__main__":
     sys.exit(run_command("run_multimood.py", main))

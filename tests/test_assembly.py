@@ -7,7 +7,7 @@ from tests.model_utils import tiny_config
 from transformers import AutoModel, Qwen2ForCausalLM, SiglipVisionModel
 
 from multimood import BeatsModel
-from multimood.train import build_model_and_processor, parse_args
+from multimood.training.train import build_model_and_processor, parse_args
 
 
 def test_components_are_loaded_into_the_assembled_model(tmp_path, shared_data):

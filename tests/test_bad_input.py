@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from multimood import MultimoodForConditionalGeneration, cli
-from multimood.dataset_builder import convert_esconv, load_dialogues
-from multimood.pipeline_multimood import save_pipeline_files
-from multimood.processing_multimood import MultimoodProcessor
+from multimood.data.dataset_builder import convert_esconv, load_dialogues
+from multimood.model.pipeline_multimood import save_pipeline_files
+from multimood.model.processing_multimood import MultimoodProcessor
 from tests.model_utils import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -464,7 +464,7 @@ def test_pipeline_rejects_a_record_without_client_words(model_folder, real_recor
 
 
 def test_demo_functions_refuse_bad_input(model_folder, tmp_path, capsys):
-    from multimood import demo  # noqa: PLC0415
+    from multimood.apps import demo  # noqa: PLC0415
 
     with pytest.raises(ValueError, match=r"processor_config.json"):
         demo.load_model(damaged_copy(model_folder, tmp_path, "no_processor_config"), device="cpu")
@@ -556,7 +556,7 @@ def test_train_data_errors_name_file_and_line(real_records, tmp_path, capsys, li
 
 
 def test_grpo_prompts_reject_gold_labels_outside_the_label_set(processor, real_records, tmp_path):
-    from multimood.grpo import make_grpo_dataset  # noqa: PLC0415
+    from multimood.training.grpo import make_grpo_dataset  # noqa: PLC0415
 
     data = write_lines(tmp_path / "grpo.jsonl", [json.dumps(text_only(real_records[0])),
                                                  json.dumps(text_only(real_records[1], Strategy="hypnosis"))])

@@ -10,10 +10,10 @@ from pathlib import Path
 import av
 import pytest
 
-from multimood import bad_samples
-from multimood import quickstart
-from multimood import train as mm_train
-from multimood.bad_samples import BadSampleError
+from multimood.data import bad_samples
+from multimood.training import quickstart
+from multimood.training import train as mm_train
+from multimood.data.bad_samples import BadSampleError
 
 # Records (0-based, in file order) given a bad clip, and the clip. The data file starts with a blank line and has
 # one in the middle, so a record's line is not its index + 1.
@@ -99,7 +99,7 @@ def test_default_stops_before_training_naming_file_line_dialogue_and_clip(data, 
 @pytest.mark.slow
 def test_skip_leaves_the_bad_records_out_and_lists_them(data, tmp_path, caplog):
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="multimood.bad_samples"):
+    with caplog.at_level("WARNING", logger="multimood.data.bad_samples"):
         trainer, _ = mm_train.main(_argv(data, out, "--max_steps", "2", "--save_strategy", "no",
                                          "--on_bad_sample", "skip"))
     assert trainer.state.global_step == 2

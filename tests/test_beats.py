@@ -1,4 +1,4 @@
-"""Tests of the BEATs audio encoder (`multimood.modeling_beats`) on tiny configs, CPU only."""
+"""Tests of the BEATs audio encoder (`multimood.model.modeling_beats`) on tiny configs, CPU only."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from multimood.configuration_multimood import BeatsConfig
-from multimood.modeling_beats import BeatsModel, relative_position_bucket
+from multimood.model.configuration_multimood import BeatsConfig
+from multimood.model.modeling_beats import BeatsModel, relative_position_bucket
 
 FRAMES = 160  # 1.6 s of 10 ms filterbank frames -> 10 x 8 = 80 tokens
 

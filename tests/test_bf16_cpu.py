@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
-from multimood.configuration_multimood import BeatsConfig
-from multimood.modeling_beats import BeatsModel, BeatsPositionalConvEmbedding
-from multimood.modeling_multimood import MultimoodSTCConnector
+from multimood.model.configuration_multimood import BeatsConfig
+from multimood.model.modeling_beats import BeatsModel, BeatsPositionalConvEmbedding
+from multimood.model.modeling_multimood import MultimoodSTCConnector
 from tests.model_utils import multimodal_batch, sensitive_model, tiny_config
 
 # bf16 keeps 8 bits of mantissa: rounding inputs and weights gives ~0.3-1 % relative error in these blocks.

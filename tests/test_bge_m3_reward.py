@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
-from multimood import rewards as R
-from multimood.processing_multimood import format_answer
+from multimood.training import rewards as R
+from multimood.model.processing_multimood import format_answer
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_hub_id_loads_from_the_hub_cache_offline(tiny_bge_m3, hand, tmp_path, mo
 
 
 def test_paper_preset_builds_the_hybrid_reward(tiny_bge_m3, hand, tmp_path):
-    from multimood.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args
 
     script, _ = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--preset", "paper",
                             "--similarity_model", str(tiny_bge_m3), "--reward_weights", "similarity=1"])

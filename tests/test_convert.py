@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
-from multimood.convert_videollama2_to_multimood import (
+from multimood.checkpoints.convert_videollama2_to_multimood import (
     REPORT_NAME,
     ConversionError,
     convert,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from multimood.demo import CRISIS_PATTERNS, crisis_matches, normalise_for_screen
+from multimood.apps.demo import CRISIS_PATTERNS, crisis_matches, normalise_for_screen
 
 ZWSP, ZWJ, WORD_JOINER, SOFT_HYPHEN, BOM = "\u200b", "\u200d", "\u2060", "\u00ad", "\ufeff"
 

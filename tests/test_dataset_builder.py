@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from multimood.dataset_builder import (
+from multimood.data.dataset_builder import (
     MULTIMOOD_FEATURES,
     InvalidRecordError,
     MultimoodDialogueBuilder,
@@ -199,7 +199,7 @@ def test_skip_invalid_counts_and_report(good_record, tmp_path, caplog):
     second = _write_lines(tmp_path / "b.jsonl", [no_strategy, valid, json.dumps({**good_record, "Utterance": 5})])
     files = {"train": [first, second], "test": [second]}
 
-    with caplog.at_level(logging.WARNING, logger="multimood.dataset_builder"):
+    with caplog.at_level(logging.WARNING, logger="multimood.data.dataset_builder"):
         dataset, report = load_dialogues(files, cache_dir=tmp_path / "cache", skip_invalid=True, return_report=True)
     assert dataset["train"].num_rows == 3 and dataset["test"].num_rows == 1
     assert (report["train"].read, report["train"].skipped, report["train"].kept) == (6, 3, 3)

@@ -17,8 +17,8 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from multimood import evaluation
-from multimood.evaluation import (
+from multimood.evaluation import metrics as evaluation
+from multimood.evaluation.metrics import (
     METRIC_SCRIPT,
     WORDNET_FILES,
     compute_metrics,

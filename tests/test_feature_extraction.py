@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoFeatureExtractor
 
-from multimood.feature_extraction_multimood import MultimoodFeatureExtractor
-from multimood.media import SAMPLING_RATE, decode_audio
+from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
+from multimood.model.media import SAMPLING_RATE, decode_audio
 
 THREE_CLIPS = ["retalking_face_1.mp4", "retalking_face_2.mp4", "retalking_face_3.mp4"]
 NO_AUDIO = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"
@@ -169,7 +169,7 @@ def test_file_path_waveform_and_clip_list_agree(extractor: MultimoodFeatureExtra
 
 
 def test_clips_shared_by_samples_are_decoded_once(monkeypatch, media: Path):
-    from multimood import feature_extraction_multimood as module
+    from multimood.model import feature_extraction_multimood as module
 
     decoded = []
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimood import rewards as R
-from multimood.processing_multimood import format_answer
+from multimood.training import rewards as R
+from multimood.model.processing_multimood import format_answer
 from tests.bge_m3_utils import write_tiny_bge_m3
 
 GOLD = {
@@ -165,7 +165,7 @@ def test_judge_timeout_gives_logged_neutral(caplog):
     server, url, _ = _serve(lambda body: (time.sleep(3), (200, _chat("{}")))[1])
     try:
         judge = R.JudgeReward(url, "m", timeout=0.5)
-        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+        with caplog.at_level(logging.WARNING, logger="multimood.training.rewards"):
             start = time.monotonic()
             out = judge(prompts=["c"], completions=[GOOD])
             elapsed = time.monotonic() - start
@@ -186,7 +186,7 @@ def test_judge_garbage_gives_logged_neutral(status, body, caplog):
     server, url, _ = _serve(lambda _: (status, body))
     try:
         judge = R.JudgeReward(url, "m", timeout=5)
-        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+        with caplog.at_level(logging.WARNING, logger="multimood.training.rewards"):
             out = judge(prompts=["c", "c"], completions=[GOOD, GOOD])
     finally:
         server.shutdown()
@@ -221,7 +221,7 @@ def test_judge_published_rule_mean_on_0_10_and_zero_on_failure(caplog):
     try:
         judge = R.JudgeReward(url, "m", timeout=5, rule="published", include_context=False, max_workers=1,
                               temperature=0.2, max_tokens=1000)
-        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+        with caplog.at_level(logging.WARNING, logger="multimood.training.rewards"):
             out = judge(prompts=["context: Kate is my sister"] * 5, completions=[GOOD, GOOD, GOOD, GOOD, BAD])
     finally:
         server.shutdown()
@@ -244,7 +244,7 @@ def test_judge_published_rule_failed_request_gives_zero(status, caplog):
         server, url, _ = _serve(lambda body: (status, "internal error"))
     try:
         judge = R.JudgeReward(url, "m", timeout=0.5, rule="published")
-        with caplog.at_level(logging.WARNING, logger="multimood.rewards"):
+        with caplog.at_level(logging.WARNING, logger="multimood.training.rewards"):
             out = judge(prompts=["c"], completions=[GOOD])
     finally:
         server.shutdown()
@@ -255,7 +255,7 @@ def test_judge_published_rule_failed_request_gives_zero(status, caplog):
 
 
 def test_judge_prompt_files_replace_the_messages(tmp_path):
-    from multimood.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args
 
     (tmp_path / "system.txt").write_text("You rate therapists.")
     (tmp_path / "user.txt").write_text('Rate {"this"} answer: {response}\nAfter: {context}')
@@ -291,7 +291,7 @@ def test_parse_judge_scores_variants():
 
 
 def test_parse_args_paper_preset(tmp_path):
-    from multimood.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args
 
     script, config = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--preset", "paper",
                                  "--per_device_train_batch_size", "4", "--beta", "0.5"])
@@ -319,7 +319,7 @@ def test_parse_args_paper_preset(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> Path:
-    from multimood import quickstart
+    from multimood.training import quickstart
 
     out = tmp_path_factory.mktemp("grpo_sft") / "model"
     quickstart.run(quickstart.build_parser().parse_args(["--output_dir", str(out), "--max_steps", "2"]))
@@ -337,7 +337,7 @@ def test_tiny_paper_preset_grpo_run_updates_weights(sft_model, shared_data, tiny
     the budget flags made tiny."""
     from safetensors.torch import load_file
 
-    from multimood import grpo
+    from multimood.training import grpo
 
     seen_media = []
     trainer_cls = grpo._trainer_class()

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import ModelCard, metadata_load
 
 from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
-from multimood.hub import (
+from multimood.checkpoints.hub import (
     DEFAULT_LICENSE,
     check_upload_folder,
     find_template,
@@ -33,7 +33,7 @@ from multimood.hub import (
 from tests.model_utils import tiny_config
 
 try:  # the pipeline module is optional for the upload folder
-    from multimood.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
+    from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
 except ImportError:  # pragma: no cover
     CUSTOM_PIPELINES = EmotionalSupportPipeline = None
 
@@ -233,7 +233,7 @@ def test_dry_run_from_a_saved_folder(built, tmp_path, capsys):
 # Pushing without a network
 # ----------------------------------------------------------------------------------------------
 
-PUSH = "import sys; from multimood.hub import push_main; sys.exit(push_main(sys.argv[1:]))"
+PUSH = "import sys; from multimood.checkpoints.hub import push_main; sys.exit(push_main(sys.argv[1:]))"
 
 
 def _push_in_subprocess(folder, env_update: dict, *extra) -> tuple[subprocess.CompletedProcess, float]:

@@ -1,4 +1,4 @@
-"""Clip resolution, probing, frame sampling and decoding (multimood/media.py) against independent oracles.
+"""Clip resolution, probing, frame sampling and decoding (multimood/model/media.py) against independent oracles.
 
 Oracles: decoding every frame of every clip with PyAV, the ffmpeg concat demuxer plus decord on the joined file
 (what the published code does), and the ffmpeg CLI / scipy for audio. Edge-case clips are generated with PyAV.
@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from multimood.media import (
+from multimood.model.media import (
     SAMPLING_RATE,
     decode_audio,
     decode_frames,
@@ -464,7 +464,7 @@ def test_clip_without_audio_is_silence_of_its_duration(tmp_path: Path, video_dir
 
 def test_the_video_processor_refuses_a_cut_off_clip(video_dir: Path, tmp_path: Path):
     """What predict, the pipeline and training call: the error names the record and the clip, no frames come out."""
-    from multimood.video_processing_multimood import MultimoodVideoProcessor
+    from multimood.model.video_processing_multimood import MultimoodVideoProcessor
 
     shutil.copyfile(video_dir / "retalking_face_2.mp4", tmp_path / "whole.mp4")
     cut(video_dir / "videollama2_sample_demo_3_baby_playing.mp4", tmp_path / "cut.mp4", 0.5)

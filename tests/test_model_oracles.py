@@ -16,7 +16,7 @@ from timm.models.regnet import RegStage
 from torch import nn
 
 from multimood import MultimoodConfig
-from multimood.modeling_multimood import MultimoodSTCConnector
+from multimood.model.modeling_multimood import MultimoodSTCConnector
 from tests.model_utils import multimodal_batch, sensitive_model, tiny_config
 
 ALL_MODALITIES = [

@@ -21,7 +21,7 @@ from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from multimood import MultimoodForConditionalGeneration
-from multimood.pipeline_multimood import (
+from multimood.model.pipeline_multimood import (
     CUSTOM_PIPELINES,
     TASK,
     AnswerConstraint,
@@ -30,9 +30,9 @@ from multimood.pipeline_multimood import (
     save_pipeline_files,
     to_record,
 )
-from multimood.predict import predict_main
-from multimood.processing_multimood import MultimoodProcessor
-from multimood.records import MultimoodError
+from multimood.evaluation.predict import predict_main
+from multimood.model.processing_multimood import MultimoodProcessor
+from multimood.model.records import MultimoodError
 from tests.model_utils import tiny_config
 
 # Small media (2 audio windows of 4 s, 2 clips) and a wider initialisation so that a random model's answers
@@ -182,7 +182,7 @@ def test_constraint_walk_and_sequence_log_probs_with_a_label_that_extends_anothe
 
 
 def test_logits_processor_masks_constrained_rows_only():
-    from multimood.pipeline_multimood import AnswerFormatLogitsProcessor
+    from multimood.model.pipeline_multimood import AnswerFormatLogitsProcessor
 
     constraint = AnswerConstraint([[[1, 2], [1, 3]], [[4]]])
     processor = AnswerFormatLogitsProcessor(constraint, prompt_length=2)
@@ -300,7 +300,7 @@ def test_generation_kwargs_pass_through(pipe, records, video_folder):
 def test_label_scores_are_the_constrained_probabilities(pipe, records, video_folder, built):
     """Each label line's scores equal the product of the constrained next-token probabilities of its tokens,
     computed here without the cache: one full forward per candidate through AnswerFormatLogitsProcessor."""
-    from multimood.pipeline_multimood import AnswerFormatLogitsProcessor
+    from multimood.model.pipeline_multimood import AnswerFormatLogitsProcessor
 
     model, processor, _ = built
     tokenizer = processor.tokenizer
@@ -495,7 +495,7 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
 def test_pipeline_on_a_quickstart_model(tmp_path, shared_data, video_folder):
     """The quickstart's trained tiny model (its own small BPE tokenizer): constrained labels are valid,
     batched answers equal one-at-a-time ones, and the longest real MESC val records fit its saved prompt budget."""
-    from multimood import quickstart
+    from multimood.training import quickstart
 
     folder, data = tmp_path / "model", tmp_path / "data"
     quickstart.run(quickstart.build_parser().parse_args(

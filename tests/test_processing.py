@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from multimood.processing_multimood import (
+from multimood.model.processing_multimood import (
     ESCONV_STRATEGIES,
     IGNORE_INDEX,
     MESC_EMOTIONS,

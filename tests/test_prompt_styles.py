@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
-from multimood.feature_extraction_multimood import MultimoodFeatureExtractor
-from multimood.pipeline_multimood import AnswerConstraint
-from multimood.processing_multimood import (
+from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
+from multimood.model.pipeline_multimood import AnswerConstraint
+from multimood.model.processing_multimood import (
     IGNORE_INDEX,
     MultimoodProcessor,
     parse_output,
@@ -242,7 +242,7 @@ def test_clip_without_audio_gets_the_filterbank_of_silence(processor, shared_dat
 
 
 def test_train_flag_sets_the_processor_prompt_style(shared_data, tmp_path):
-    from multimood import train as mm_train
+    from multimood.training import train as mm_train
 
     tokenizer = str(shared_data / "tokenizer" / "qwen2")
     flags = ["--tokenizer_path", tokenizer, "--output_dir", str(tmp_path), "--report_to", "none"]

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
-from multimood.convert_videollama2_to_multimood import REPORT_NAME, convert, main
-from multimood.predict import predict_main
+from multimood.checkpoints.convert_videollama2_to_multimood import REPORT_NAME, convert, main
+from multimood.evaluation.predict import predict_main
 from tests.test_prompt_styles import _expected
 
 GOLDEN = "golden/published/tiny_published_checkpoint"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from multimood import MultimoodForConditionalGeneration
-from multimood.modeling_multimood import MultimoodModel
-from multimood.video_processing_multimood import MultimoodVideoProcessor
+from multimood.model.modeling_multimood import MultimoodModel
+from multimood.model.video_processing_multimood import MultimoodVideoProcessor
 from tests.model_utils import TINY_FBANK_FRAMES, multimodal_batch, tiny_config
 
 

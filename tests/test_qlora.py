@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers
 
-from multimood import train as mm_train
-from multimood.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
+from multimood.training import train as mm_train
+from multimood.training.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
 from tests.model_utils import tiny_config
 from tests.test_training import (  # noqa: F401
     _reload_in_clean_process, _run_killing_group, _tiny_argv, _vocab, sample_data,
@@ -47,7 +47,7 @@ def mixed_records(sample_data, tmp_path_factory):  # noqa: F811
 
 
 def _batch_of(records_path: Path, indices: list[int], processor, videos) -> dict:
-    from multimood.processing_multimood import MultimoodDataCollator
+    from multimood.model.processing_multimood import MultimoodDataCollator
 
     records = [json.loads(line) for line in records_path.read_text().splitlines()]
     return MultimoodDataCollator(processor, video_folder=str(videos))([records[i] for i in indices])
@@ -199,7 +199,7 @@ def test_modality_grouped_batches_single_modality_and_seeded():
 def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
     """--group_by_modality_length: the Trainer's training batches, collated from real records and clips, have video
     for all records or for none."""
-    from multimood.processing_multimood import MultimoodDataCollator, MultimoodProcessor
+    from multimood.model.processing_multimood import MultimoodDataCollator, MultimoodProcessor
 
     records = mm_train.load_records(mixed_records["records"])
     clips = [bool(r["path_to_vid_user_most_recent"]) for r in records]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from multimood import train as mm_train
+from multimood.training import train as mm_train
 from tests.test_run_scripts import launched_flags
 
 ZERO3 = Path(__file__).resolve().parents[1] / "run_scripts" / "zero3.json"
@@ -83,7 +83,7 @@ def test_all_47_published_fields_parse(tmp_path, caplog):
     fields = {**PUBLISHED_MODEL_FIELDS, **PUBLISHED_DATA_FIELDS, **PUBLISHED_TRAINING_FIELDS}
     assert len(fields) == 47
     argv = [x for name, value in fields.items() for x in (f"--{name}", value)]
-    with caplog.at_level(logging.WARNING, logger="multimood.train"):
+    with caplog.at_level(logging.WARNING, logger="multimood.training.train"):
         model_args, data_args, args = _parse(argv, tmp_path)
     assert data_args.num_k_vid == 4  # --k_cur_vid_user wins over --num_k_vid, as in the seed
     assert data_args.vid_folder == "videos" and data_args.image_aspect_ratio == "pad"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from multimood import MultimoodForConditionalGeneration
-from multimood import train as mm_train
+from multimood.training import train as mm_train
 from tests.model_utils import tiny_config
 
 # Parameter-name prefix of each switch's block (the tied LM head shares the embedding matrix).

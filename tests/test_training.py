@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimood import quickstart
-from multimood import train as mm_train
+from multimood.training import quickstart
+from multimood.training import train as mm_train
 from tests.model_utils import TINY_VOCAB
 from tests.optional_deps import import_or_skip
 
@@ -430,8 +430,8 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     # on a fixed batch (every rank runs that forward: under ZeRO-3 it gathers partitioned parameters collectively).
     import json, os, sys
     import torch
-    from multimood import train as mm_train
-    from multimood.processing_multimood import MultimoodDataCollator
+    from multimood.training import train as mm_train
+    from multimood.model.processing_multimood import MultimoodDataCollator
 
     log_dir, argv = sys.argv[1], sys.argv[2:]
     rank = int(os.environ["RANK"])

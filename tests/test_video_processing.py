@@ -17,9 +17,9 @@ from PIL import Image
 from transformers import AutoVideoProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from multimood.feature_extraction_multimood import MultimoodFeatureExtractor
-from multimood.media import probe_clip, sample_timeline
-from multimood.video_processing_multimood import MultimoodVideoProcessor
+from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
+from multimood.model.media import probe_clip, sample_timeline
+from multimood.model.video_processing_multimood import MultimoodVideoProcessor
 
 MIXED = [
     "retalking_face_1.mp4",
@@ -110,7 +110,7 @@ def test_batch_uses_the_last_clips_and_offsets_positions(processor: MultimoodVid
 
 
 def test_clips_shared_by_samples_are_probed_and_decoded_once(monkeypatch, video_dir: Path):
-    from multimood import video_processing_multimood as module
+    from multimood.model import video_processing_multimood as module
 
     opened = {"probe": [], "decode": []}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from multimood import train as mm_train
+from multimood.training import train as mm_train
 from tests.optional_deps import import_or_skip
 from tests.test_training import RUN_SCRIPTS, _free_port, _logged_losses, _run_killing_group, _tiny_argv, _vocab
 from tests.test_training import sample_data  # noqa: F401  (the session fixture)

@@ -47,10 +47,10 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from .cli import run_command
-from .dataset_builder import iter_json_items
-from .processing_multimood import parse_output
-from .records import MultimoodError
+from ..cli import run_command
+from ..data.dataset_builder import iter_json_items
+from ..model.processing_multimood import parse_output
+from ..model.records import MultimoodError
 
 LABEL_TASKS = ("client_emotion", "therapist_emotion", "strategy")
 FIELDS = LABEL_TASKS + ("response",)
@@ -67,7 +67,7 @@ PAPER_PATTERNS = {
 PAPER_BLEU_WEIGHTS = (0.99, 0.01)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
-METRIC_SCRIPT = Path(__file__).with_name("metrics") / "multimood_metric.py"
+METRIC_SCRIPT = Path(__file__).with_name("multimood_metric.py")
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 # The database files NLTK's WordNetCorpusReader opens, besides `lexnames`.

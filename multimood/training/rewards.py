@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from .processing_multimood import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
+from ..model.processing_multimood import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
 
-logger = logging.getLogger("multimood.rewards")
+logger = logging.getLogger("multimood.training.rewards")
 
 NEUTRAL = 0.5
 """Reward given by the default judge rule when a judge cannot score a completion (time-out, HTTP error, unparseable
@@ -517,7 +517,7 @@ class JudgeReward:
       connection / HTTP error or a reply missing a dimension (or scoring one outside 1-10) gives `neutral` (0.5).
     * `rule="published"` (the published GRPO code): the reward is the mean of the seven scores on 0-10; a dimension
       missing from the reply (or outside 0-10) counts 0, and a failed request gives 0.
-    Either way each failure logs a WARNING on the `multimood.rewards` logger and counts in `self.failures`. A
+    Either way each failure logs a WARNING on the `multimood.training.rewards` logger and counts in `self.failures`. A
     completion without a response scores 0 and sends no request.
 
     The judge sees the conversation context (the prompt) and the response, or the response alone with

@@ -41,14 +41,14 @@ from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import seed_worker
 
-from .bad_samples import BadSampleScreen
-from .convert_videollama2_to_multimood import beats_config_from_cfg, load_pickled_weights, read_beats_checkpoint
-from .dataset_builder import iter_records, load_dialogues
-from .hub import check_hub_reachable, check_model_folder, prepare_upload_folder, push_to_hub
-from .pipeline_multimood import save_pipeline_files
-from .processing_multimood import PROMPT_STYLES
+from ..data.bad_samples import BadSampleScreen
+from ..checkpoints.convert_videollama2_to_multimood import beats_config_from_cfg, load_pickled_weights, read_beats_checkpoint
+from ..data.dataset_builder import iter_records, load_dialogues
+from ..checkpoints.hub import check_hub_reachable, check_model_folder, prepare_upload_folder, push_to_hub
+from ..model.pipeline_multimood import save_pipeline_files
+from ..model.processing_multimood import PROMPT_STYLES
 
-logger = logging.getLogger("multimood.train")
+logger = logging.getLogger("multimood.training.train")
 
 QWEN2_MODEL_TYPES = ("videollama2_qwen2", "qwen2", "multimood", "multimood_qwen2", "qwen2_moe", "qwen2.5", "qwen2_5")
 LLM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -410,7 +410,7 @@ def read_model_config(value: str | dict | None) -> dict:
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments, training_args: MultimoodTrainingArguments,
                     model_config: dict):
-    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
 
     source = model_args.tokenizer_path or model_args.model_path
     if source is None:
@@ -438,7 +438,7 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, traini
 
 def make_video_processor(video_kwargs: dict, aspect_ratio: str | None = None):
     """A `MultimoodVideoProcessor` with `num_frames` / `size` (and the aspect-ratio mode)."""
-    from .video_processing_multimood import MultimoodVideoProcessor  # noqa: PLC0415
+    from ..model.video_processing_multimood import MultimoodVideoProcessor  # noqa: PLC0415
 
     processor = MultimoodVideoProcessor()
     for name, value in video_kwargs.items():
@@ -483,7 +483,7 @@ def _vision_config(path: str):
 def build_config(model_args: ModelArguments, data_args: DataArguments, processor, model_config: dict):
     from transformers import AutoConfig  # noqa: PLC0415
 
-    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
+    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
 
     kwargs = dict(model_config)
     if "text_config" not in kwargs:
@@ -607,8 +607,8 @@ def load_pretrained_parts(model, model_args: ModelArguments, load_llm: bool) -> 
 def build_model_and_processor(model_args: ModelArguments, data_args: DataArguments,
                               training_args: MultimoodTrainingArguments):
     """(model, processor) ready for training, following the flags."""
-    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
 
     _init_deepspeed_comm(training_args)
     if is_multimood_folder(model_args.model_path):
@@ -852,7 +852,7 @@ def save_qlora_merged(trainer: Trainer, processor, output_dir: str) -> str | Non
     """
     from peft import PeftModel  # noqa: PLC0415
 
-    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
 
     if not trainer.args.should_save:
         return None
@@ -1010,7 +1010,7 @@ class MultimoodTrainer(Trainer):
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: MultimoodTrainingArguments):
-    from .processing_multimood import MultimoodDataCollator  # noqa: PLC0415
+    from ..model.processing_multimood import MultimoodDataCollator  # noqa: PLC0415
 
     if data_args.data_path is None:
         raise ValueError("--data_path is required")
@@ -1096,8 +1096,8 @@ def check_training_flags(model_args: ModelArguments, data_args: DataArguments,
     """Flags and inputs that cannot work, found before anything heavy loads: each raises `MultimoodError`
     naming the flag (or the file, line and field of a bad record: the data files are validated here with
     the label set the processor will use, so that a run never dies at its first batch on a record)."""
-    from .processing_multimood import LABEL_SETS  # noqa: PLC0415
-    from .records import MultimoodError  # noqa: PLC0415
+    from ..model.processing_multimood import LABEL_SETS  # noqa: PLC0415
+    from ..model.records import MultimoodError  # noqa: PLC0415
 
     def fail(message: str):
         raise MultimoodError(message)

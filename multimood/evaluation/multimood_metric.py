@@ -1,4 +1,4 @@
-"""MultiMood metrics as an `evaluate` module: `evaluate.load(multimood.evaluation.METRIC_SCRIPT.as_posix())`.
+"""MultiMood metrics as an `evaluate` module: `evaluate.load(multimood.evaluation.metrics.METRIC_SCRIPT.as_posix())`.
 
 Loads offline from this local file (evaluate copies it into its modules cache and imports the
 installed `multimood` package). `config_name="paper"` or `"strict"` returns that section as a flat
@@ -9,7 +9,7 @@ as `multimood evaluate` writes them.
 import datasets
 import evaluate
 
-from multimood.evaluation import compute_metrics
+from multimood.evaluation.metrics import compute_metrics
 
 _DESCRIPTION = """\
 Scores MultiMood's four-line answers (client emotion, therapist emotion, therapist strategy,
@@ -32,7 +32,7 @@ Returns:
     with `config_name="paper"` / `"strict"`, that section alone.
 Example:
     >>> import evaluate
-    >>> from multimood.evaluation import METRIC_SCRIPT
+    >>> from multimood.evaluation.metrics import METRIC_SCRIPT
     >>> metric = evaluate.load(METRIC_SCRIPT.as_posix(), config_name="strict")
     >>> answer = "Client emotion: sadness\\nTherapist emotion: neutral\\nStrategy: others\\nResponse: Go on."
     >>> metric.compute(predictions=[answer], references=[answer])["client_emotion_accuracy"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline_multimood import LABEL_FIELDS
+from ..model.pipeline_multimood import LABEL_FIELDS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TRAIN_FILE, HELDOUT_FILE = "dialogues.jsonl", "heldout.jsonl"  # in multimood/sample_data (write_dialogues.py)
@@ -178,7 +178,7 @@ def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def _tokenizer_corpus(records: list[dict]) -> list[str]:
     try:
-        from .processing_multimood import DEFAULT_SYSTEM_PROMPT, LABEL_SETS  # noqa: PLC0415
+        from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT, LABEL_SETS  # noqa: PLC0415
 
         labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
     except ImportError:
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
     from . import train as multimood_train  # noqa: PLC0415
-    from .pipeline_multimood import EmotionalSupportPipeline  # noqa: PLC0415
+    from ..model.pipeline_multimood import EmotionalSupportPipeline  # noqa: PLC0415
 
     start = time.time()
     output_dir = Path(args.output_dir).resolve()

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .cli import run_command
-from .records import MultimoodError
+from ..cli import run_command
+from ..model.records import MultimoodError
 
-logger = logging.getLogger("multimood.hub")
+logger = logging.getLogger("multimood.checkpoints.hub")
 
 TEMPLATE_NAME = "model_card.md"
 TEMPLATE_ENV = "MULTIMOOD_MODEL_CARD_TEMPLATE"
@@ -109,7 +109,7 @@ def find_template(template_path: str | os.PathLike | None = None) -> Path:
         candidates.append(Path(template_path))
     if os.environ.get(TEMPLATE_ENV):
         candidates.append(Path(os.environ[TEMPLATE_ENV]))
-    candidates.append(Path(__file__).resolve().parent.parent / TEMPLATE_NAME)
+    candidates.append(Path(__file__).resolve().parents[2] / TEMPLATE_NAME)
     for prefix in {sysconfig.get_path("data"), sys.prefix, sys.base_prefix}:
         candidates.append(Path(prefix) / "share" / "multimood" / TEMPLATE_NAME)
     for candidate in candidates:
@@ -187,7 +187,7 @@ def check_model_folder(path: str | os.PathLike, need_processor: bool = True) -> 
 
 def _load_config(model_or_folder):
     """(MultimoodConfig, folder or None, model or None) of a model, a config or a saved folder."""
-    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
+    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
 
     if isinstance(model_or_folder, (str, os.PathLike)):
         folder = Path(model_or_folder)
@@ -202,7 +202,7 @@ def _load_config(model_or_folder):
 
 def _known_base(config, block: str) -> str | None:
     """The published base model a sub-config matches exactly, if any (for configs built without a name)."""
-    from .configuration_multimood import MAMBA_370M, QWEN2_1_5B_INSTRUCT, SIGLIP_SO400M_PATCH14_384  # noqa: PLC0415
+    from ..model.configuration_multimood import MAMBA_370M, QWEN2_1_5B_INSTRUCT, SIGLIP_SO400M_PATCH14_384  # noqa: PLC0415
 
     known = {
         "text": (QWEN2_1_5B_INSTRUCT, "Qwen/Qwen2-1.5B-Instruct",
@@ -509,7 +509,7 @@ def _copy_model_folder(source: Path, folder: Path) -> list[str]:
 
 def _save_pipeline(folder: Path) -> bool:
     try:
-        from .pipeline_multimood import save_pipeline_files  # noqa: PLC0415
+        from ..model.pipeline_multimood import save_pipeline_files  # noqa: PLC0415
     except ImportError:
         return False
     save_pipeline_files(folder)
@@ -546,7 +546,7 @@ def prepare_upload_folder(
         if not list(source.glob("*.safetensors")):
             if not list(source.glob("pytorch_model*.bin")):
                 raise FileNotFoundError(f"{source} holds no model weights")
-            from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+            from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
 
             logger.info("%s holds .bin weights: re-saving them as safetensors", source)
             MultimoodForConditionalGeneration.from_pretrained(source, dtype="auto").save_pretrained(folder)

@@ -50,7 +50,7 @@ from .rewards import (
     parse_reward_weights,
 )
 
-logger = logging.getLogger("multimood.grpo")
+logger = logging.getLogger("multimood.training.grpo")
 
 _MEDIA = ("video", "audio", "history")
 REWARD_NAMES = ("format", "label", "similarity", "judge")
@@ -408,8 +408,8 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
 
 
 def load_model_and_processor(script: GRPOScriptArguments, max_length: int | None = None):
-    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
     from .train import configure_trainable, is_multimood_folder, sync_processor_with_config  # noqa: PLC0415
 
     if not is_multimood_folder(script.model_path):
@@ -432,7 +432,7 @@ def make_grpo_dataset(data_path: str, processor, limit: int | None = None):
     """Records with a `prompt` column (the rendered prompt text) for trl."""
     from .train import make_dataset  # noqa: PLC0415
 
-    from .records import MultimoodError, MultimoodRecordError  # noqa: PLC0415
+    from ..model.records import MultimoodError, MultimoodRecordError  # noqa: PLC0415
 
     data = make_dataset(data_path, limit)
 

@@ -66,9 +66,9 @@ from typing import Any
 
 import torch
 
-from .cli import run_command
+from ..cli import run_command
 from .hub import check_model_folder
-from .records import MultimoodError
+from ..model.records import MultimoodError
 
 logger = logging.getLogger("multimood.convert")
 
@@ -401,7 +401,7 @@ def read_beats_checkpoint(path: str | os.PathLike, unused: dict[str, str] | None
 
 def beats_config_from_cfg(cfg: dict) -> dict:
     """The `BeatsConfig` fields of an original BEATs checkpoint's `cfg`."""
-    from .configuration_multimood import BeatsConfig  # noqa: PLC0415
+    from ..model.configuration_multimood import BeatsConfig  # noqa: PLC0415
 
     fields = set(BeatsConfig().to_dict())
     return {k: v for k, v in cfg.items() if k in fields and k not in ("model_type", "transformers_version")}
@@ -412,7 +412,7 @@ def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = N
 
     Shapes give the sizes; `max_distance`, `deep_norm`, `layer_norm_first`, `activation_fn` are not visible in
     the tensors and come from `cfg` or the BEATs defaults (reported as assumed)."""
-    from .configuration_multimood import BeatsConfig  # noqa: PLC0415
+    from ..model.configuration_multimood import BeatsConfig  # noqa: PLC0415
 
     kwargs = beats_config_from_cfg(cfg or {})
     inferred: dict[str, Any] = {}
@@ -495,7 +495,7 @@ def siglip_config_from_state(state: dict[str, torch.Tensor], name_hint: str | No
 
 def mamba_config_from_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(Mamba config kwargs, inferred) from `mamba.*` tensors (keys relative to the Mamba model)."""
-    from .configuration_multimood import MAMBA_370M  # noqa: PLC0415
+    from ..model.configuration_multimood import MAMBA_370M  # noqa: PLC0415
 
     if any(k.endswith("mixer.dt_bias") for k in state):
         raise ConversionError(
@@ -642,7 +642,7 @@ def _audio_projector_type(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def build_processor(tokenizer: str | os.PathLike, model_max_length: int | None = None):
-    from .processing_multimood import MultimoodProcessor  # noqa: PLC0415
+    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
 
     kwargs = {"model_max_length": int(model_max_length)} if model_max_length else {}
     return MultimoodProcessor.from_tokenizer(str(tokenizer), **kwargs)
@@ -948,8 +948,8 @@ def convert(
 
     The model is assembled on the meta device and takes the (memory-mapped) checkpoint tensors as they are
     (`load_state_dict(assign=True)`), so a 7B checkpoint is converted without a second copy in memory."""
-    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
-    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
+    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
 
     if prompt_style not in PROMPT_STYLES:
         raise ConversionError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
@@ -1018,7 +1018,7 @@ def convert(
     model.load_state_dict(tensors, strict=True if not config.tie_word_embeddings else False, assign=True)
     model.tie_weights()
 
-    from .train import sync_processor_with_config  # noqa: PLC0415
+    from ..training.train import sync_processor_with_config  # noqa: PLC0415
 
     sync_processor_with_config(processor, config)
     if output.exists():
@@ -1059,7 +1059,7 @@ def _save_published_processor(processor, output: Path, prompt_style: str, report
 def _save_pipeline_files(output: Path) -> None:
     """Declare the "emotional-support" pipeline in the folder (when the pipeline module is available)."""
     try:
-        from .pipeline_multimood import save_pipeline_files  # noqa: PLC0415
+        from ..model.pipeline_multimood import save_pipeline_files  # noqa: PLC0415
     except ImportError:
         return
     save_pipeline_files(output)
@@ -1067,7 +1067,7 @@ def _save_pipeline_files(output: Path) -> None:
 
 def _verify(output: Path, tensors: dict[str, torch.Tensor], report: ConversionReport) -> None:
     """Reload the saved folder and compare every tensor with what was converted."""
-    from .modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
+    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
 
     reloaded = MultimoodForConditionalGeneration.from_pretrained(output, dtype="auto").state_dict()
     bad = [k for k, v in tensors.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
@@ -1155,7 +1155,7 @@ def export_published(
 
     The BEATs classifier (`predictor`) is not restored (the multimood model has none); the shared relative
     position bias is written once per layer, as the published state dict holds it."""
-    from .configuration_multimood import MultimoodConfig  # noqa: PLC0415
+    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
 
     source, output = Path(source).expanduser(), Path(output).expanduser()
     _check_output(output, overwrite)

@@ -157,7 +157,7 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None,
     this package's pipeline class (so label scores are there whatever pipeline file the folder carries)."""
     import torch  # noqa: PLC0415
 
-    from .predict import load_pipeline  # noqa: PLC0415
+    from ..evaluation.predict import load_pipeline  # noqa: PLC0415
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,7 +277,7 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
     feature extractor uses; `first_position` is the position of `clips[0]` in the turn's clip list."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    from .media import decode_audio  # noqa: PLC0415
+    from ..model.media import decode_audio  # noqa: PLC0415
 
     rate = feature_extractor.sampling_rate
     tracks = [decode_audio(Path(clip), "demo", rate=rate) for clip in clips]

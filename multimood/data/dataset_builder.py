@@ -53,9 +53,9 @@ import datasets
 from datasets.builder import Key
 from datasets.exceptions import DatasetGenerationError
 
-from .cli import run_command
-from .processing_multimood import LABEL_SETS
-from .records import SCHEMA_FIELDS, MultimoodError, MultimoodRecordError, canonical_label, validate_record
+from ..cli import run_command
+from ..model.processing_multimood import LABEL_SETS
+from ..model.records import SCHEMA_FIELDS, MultimoodError, MultimoodRecordError, canonical_label, validate_record
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from .dataset_builder import iter_json_items
-from .media import probe_clip, resolve_clip
-from .records import MultimoodError, record_name
+from ..model.media import probe_clip, resolve_clip
+from ..model.records import MultimoodError, record_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Apps: the Gradio web demo."""

@@ -1,0 +1,1 @@
+"""Data: the datasets builder of the record JSONL, corpus converters (MESC, ESConv) and the bad-sample screen."""

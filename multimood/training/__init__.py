@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning (Trainer), GRPO (trl), its rewards and the quickstart."""
