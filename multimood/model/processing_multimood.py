@@ -67,6 +67,7 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .chat_messages import MultimoodChatError, chat_options, conversation_to_record
 from .feature_extraction_multimood import MultimoodFeatureExtractor
 from .records import (
     MultimoodRecordError,
@@ -858,12 +859,10 @@ class MultimoodProcessor(ProcessorMixin):
             messages.append({"role": "assistant", "content": sample.target})
         return messages
 
-    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
-        """Render messages with this processor's chat template (or `chat_template`); text by default."""
+    def render_messages(self, messages: list[dict], chat_template: str | None = None, **kwargs) -> str:
+        """Render built messages (`build_messages`) with this processor's chat template (or `chat_template`)."""
         kwargs.setdefault("tokenize", False)
-        return self.tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template or self._template(), **kwargs
-        )
+        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self._template(), **kwargs)
 
     def _template(self) -> str:
         template = self.chat_template
@@ -878,7 +877,78 @@ class MultimoodProcessor(ProcessorMixin):
         Without target it ends with the generation prompt; with target it is the whole conversation.
         """
         messages = self.build_messages(record, with_target=with_target, **kwargs)
-        return self.apply_chat_template(messages, add_generation_prompt=not with_target)
+        return self.render_messages(messages, add_generation_prompt=not with_target)
+
+    # ------------------------------------------------------------------ chat messages (transformers' multimodal format)
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[dict] | Sequence[Sequence[dict]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = "auto",
+        **kwargs,
+    ):
+        """The model's input for a chat conversation: the records path (`processor(records=[record])`) on the record
+        the messages describe, so a chat turn gets exactly the ids, media and masks of the same record.
+
+        Messages (details and errors: `chat_messages`): earlier turns as `user` (client) and `assistant`
+        (therapist) messages; the LAST user message is the client's current turn, its `{"type": "text"}` parts the
+        client's words and up to `num_k_vid` (5) `{"type": "video", "path"|"url"|"video": ...}` parts its clips
+        (local paths or `file://` URLs; remote URLs are refused). Content may be a plain string. The context comes
+        as keywords `situation=` / `problem_type=` or in a system message of `Problem type: ...` and
+        `Situation: ...` lines. A therapist message that is the model's own four-line answer counts as its
+        `Response:` text (what a chat client sends back), as in the records' history.
+
+        Returns, as transformers' processors do: with `tokenize=False` the prompt text (each `<video>`, `<audio>`,
+        `<history>` placeholder once; history truncation to `model_max_length` happens on tokens only); with
+        `tokenize=True, return_dict=True` the `BatchFeature` of `processor(records=...)`, ready for
+        `model.generate(**inputs)`; with `tokenize=True, return_dict=False` its `input_ids`. A list of
+        conversations gives a batch (a list of texts).
+
+        Keyword arguments: `situation`, `problem_type`; the records path's `prompt_style`, `k_turn_history`,
+        `max_length`, `truncation`, `padding_side`, `pad_to_multiple_of`, `return_frame_indices`, `video_folder`
+        (clips must lie inside it); `num_frames` only with `allow_num_frames_override=True` (`transformers serve`
+        sends `num_frames=32` with every video; the model keeps its own frame count otherwise);
+        `load_audio_from_video`, `video_load_backend`, `sanitize_control_tokens` accepted and ignored; `tools`,
+        `documents`, `chat_template`, `continue_final_message`, `return_assistant_tokens_mask` accepted only
+        empty / false. `return_tensors="auto"` means `"pt"`. Bad messages raise `MultimoodChatError`.
+        """
+        context, call = chat_options(kwargs, int(self.video_processor.num_frames))
+        if not add_generation_prompt:
+            raise MultimoodChatError(
+                "apply_chat_template", "add_generation_prompt=False is not supported: the prompt always ends "
+                "with the therapist's turn for the model to write"
+            )
+        batched = (
+            isinstance(conversation, Sequence)
+            and not isinstance(conversation, (str, bytes))
+            and bool(conversation)
+            and all(isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in conversation)
+        )
+        conversations = list(conversation) if batched else [conversation]
+        records = []
+        for number, messages in enumerate(conversations):
+            record = conversation_to_record(
+                messages, video_folder=call.get("video_folder"), max_clips=self.num_k_vid,
+                name=f"conversation {number}" if batched else "conversation", **context,
+            )
+            for message in record["history_chat"]:
+                if message["role"] == "assistant":
+                    message["content"] = self._answer_response(message["content"])
+            records.append(record)
+        if not tokenize:
+            style, k = call.get("prompt_style"), call.get("k_turn_history")
+            texts = [self.render_prompt(record, prompt_style=style, k_turn_history=k) for record in records]
+            return texts if batched else texts[0]
+        inputs = self(records=records, return_tensors="pt" if return_tensors == "auto" else return_tensors, **call)
+        return inputs if return_dict else inputs["input_ids"]
+
+    def _answer_response(self, text: str) -> str:
+        """The `Response:` text of the model's own four-line answer; any other therapist message as it is."""
+        parsed = self.parse_output(text)
+        return parsed["response"] if all(parsed.values()) else text
 
     # ------------------------------------------------------------------ history compressor input
 
