@@ -55,8 +55,16 @@ CLIP_KEYS = ("path", "url", "video")
 # path (`processor(records=...)`), those accepted and ignored (passed by transformers' processors and `transformers
 # serve`, with no meaning for MultiMood), and those accepted only with their neutral value.
 CONTEXT_OPTIONS = ("situation", "problem_type")
-CALL_OPTIONS = ("prompt_style", "k_turn_history", "max_length", "truncation", "padding_side", "pad_to_multiple_of",
-                "return_frame_indices", "video_folder")
+CALL_OPTIONS = (
+    "prompt_style",
+    "k_turn_history",
+    "max_length",
+    "truncation",
+    "padding_side",
+    "pad_to_multiple_of",
+    "return_frame_indices",
+    "video_folder",
+)
 IGNORED_OPTIONS = {
     "load_audio_from_video": "the model always hears the clips' own sound track",
     "video_load_backend": "clips are decoded with PyAV",
@@ -118,7 +126,9 @@ class _Reader:
                 self.fail(
                     f"part type {kind!r} is not supported: MultiMood reads 'text' and 'video' parts (a clip's sound "
                     "is read from the clip itself)",
-                    index, role, number,
+                    index,
+                    role,
+                    number,
                 )
             if kind in TEXT_PART_TYPES and not isinstance(part.get("text"), str):
                 self.fail(f"text part needs a string 'text', got {_type_name(part.get('text'))}", index, role, number)
@@ -135,14 +145,20 @@ class _Reader:
             self.fail(
                 "a video part needs exactly one of 'path', 'url' or 'video' (a local path or a file:// URL), "
                 f"got {keys or 'none'}",
-                index, role, number,
+                index,
+                role,
+                number,
             )
         value = part[keys[0]]
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value.strip():
-            self.fail(f"video part {keys[0]!r} must be a non-empty string (a path or a file:// URL), got "
-                      f"{_type_name(value)}", index, role, number)
+            self.fail(
+                f"video part {keys[0]!r} must be a non-empty string (a path or a file:// URL), got {_type_name(value)}",
+                index,
+                role,
+                number,
+            )
         url = urlparse(value)
         if url.scheme == "file":
             if url.netloc not in ("", "localhost"):
@@ -152,7 +168,9 @@ class _Reader:
             self.fail(
                 f"clip {value!r}: remote URLs ({url.scheme}://) are refused, multimood works offline; download the "
                 "clip and pass its path or a file:// URL",
-                index, role, number,
+                index,
+                role,
+                number,
             )
         else:
             path = Path(value)
@@ -190,7 +208,8 @@ class _Reader:
                     f"system text {line.strip()[:60]!r} is not a context line: a system message holds only "
                     "'Problem type: ...' and 'Situation: ...' lines (the model's system prompt is a processor "
                     "setting)",
-                    index, role,
+                    index,
+                    role,
                 )
         return {name: " ".join(" ".join(lines).split()) for name, lines in fields.items()}
 
@@ -223,8 +242,11 @@ def conversation_to_record(
             reader.fail(f"must be an object with 'role' and 'content', got {_type_name(message)}", index)
         role = message.get("role")
         if role not in ("user", "assistant") + SYSTEM_ROLES:
-            reader.fail(f"role {role!r} is not supported: use 'system', 'user' (client) or 'assistant' (therapist)",
-                        index, role if isinstance(role, str) else None)
+            reader.fail(
+                f"role {role!r} is not supported: use 'system', 'user' (client) or 'assistant' (therapist)",
+                index,
+                role if isinstance(role, str) else None,
+            )
         if message.get("tool_calls"):
             reader.fail("tool calls are not supported: MultiMood does not call tools", index, role)
         parts = reader.parts(message, index, role)
@@ -242,8 +264,12 @@ def conversation_to_record(
         reader.fail("has no user message: the last user message is the client's current turn")
     if last != len(turns) - 1:
         index, role, _ = turns[last + 1]
-        reader.fail("nothing may follow the client's current turn (the last user message): the model writes the "
-                    "therapist's answer", index, role)
+        reader.fail(
+            "nothing may follow the client's current turn (the last user message): the model writes the "
+            "therapist's answer",
+            index,
+            role,
+        )
     index, role, parts = turns[last]
     clips = [reader.clip(part, index, role, number) for number, part in enumerate(parts) if part["type"] == "video"]
     if max_clips and len(clips) > max_clips:
@@ -258,8 +284,9 @@ def conversation_to_record(
             reader.fail(f"keyword {field_name}= must be a string, got {_type_name(value)}")
         value = " ".join(value.split())
         if field_name in context and context[field_name] != value:
-            reader.fail(f"{field_name!r} is given both as keyword ({value!r}) and in a system message "
-                        f"({context[field_name]!r})")
+            reader.fail(
+                f"{field_name!r} is given both as keyword ({value!r}) and in a system message ({context[field_name]!r})"
+            )
         context[field_name] = value
     history = [{"role": role, "content": reader.text(parts)} for _, role, parts in turns[:last]]
     return {
@@ -301,8 +328,17 @@ def chat_options(options: Mapping[str, Any], num_frames: int) -> tuple[dict[str,
         if options.pop(name, None):
             raise MultimoodChatError("apply_chat_template", f"{name}= is not supported: {why}")
     if options:
-        accepted = sorted((*CONTEXT_OPTIONS, *CALL_OPTIONS, *IGNORED_OPTIONS, *NEUTRAL_OPTIONS, "num_frames",
-                           "allow_num_frames_override", "processor_kwargs"))
+        accepted = sorted(
+            (
+                *CONTEXT_OPTIONS,
+                *CALL_OPTIONS,
+                *IGNORED_OPTIONS,
+                *NEUTRAL_OPTIONS,
+                "num_frames",
+                "allow_num_frames_override",
+                "processor_kwargs",
+            )
+        )
         raise MultimoodChatError(
             "apply_chat_template", f"unknown keyword argument(s) {sorted(options)}; accepted: {', '.join(accepted)}"
         )
