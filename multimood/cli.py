@@ -31,6 +31,7 @@ COMMANDS = {
     "predict": ("multimood.evaluation.predict", "predict_main", "answer a records JSONL with the emotional-support pipeline -> predictions JSONL for `multimood evaluate`"),
     "evaluate": ("multimood.evaluation.metrics", "evaluate_command", "paper-compatible and strict metrics of a predictions JSONL"),
     "demo": ("multimood.apps.demo", "main", "web demo (Gradio): upload clips and a conversation, see emotions, strategy and response"),
+    "serve": ("multimood.apps.serve", "main", "OpenAI-compatible server (transformers serve) of a model folder"),
 }
 
 
