@@ -93,7 +93,7 @@ UPLOAD_PATTERNS = (
     r"chat_template\.(jinja|json)", r"processor_config\.json", r"preprocessor_config\.json",
     r"video_preprocessor_config\.json", r"conversion_report\.json", r"LICENSE.*", r"NOTICE.*",
 )
-REMOTE_CODE_MODULES = ("configuration_multimood", "modeling_multimood", "modeling_beats", "records")
+REMOTE_CODE_MODULES = ("configuration_multimood", "modeling_multimood", "modeling_beats", "records", "chat_messages")
 
 
 # ----------------------------------------------------------------------------------------------
