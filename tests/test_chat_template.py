@@ -404,6 +404,7 @@ def test_bad_conversation_in_a_batch_is_named(processor):
             "tools= is not supported: MultiMood does not call",
         ),
         ({"chat_template": "{{ messages }}"}, "chat_template= is not supported"),
+        ({"num_frames": "many"}, "num_frames must be a positive integer"),
         ({"enable_thinking": True}, r"unknown keyword argument\(s\) \['enable_thinking'\]; accepted: "),
         ({"add_generation_prompt": False}, "add_generation_prompt=False is not supported"),
     ],

@@ -313,9 +313,11 @@ def chat_options(options: Mapping[str, Any], num_frames: int) -> tuple[dict[str,
     frames = options.pop("num_frames", None)
     context = {name: options.pop(name) for name in CONTEXT_OPTIONS if name in options}
     call = {name: options.pop(name) for name in CALL_OPTIONS if name in options}
-    if frames is not None and int(frames) != num_frames:
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise MultimoodChatError("apply_chat_template", f"num_frames must be a positive integer, got {frames!r}")
+    if frames is not None and frames != num_frames:
         if allow_override:
-            call["num_frames"] = int(frames)
+            call["num_frames"] = frames
         else:
             warnings.warn(
                 f"apply_chat_template: num_frames={frames} ignored, the model reads {num_frames} frames per client "
