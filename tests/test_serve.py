@@ -92,12 +92,22 @@ def server(built, tmp_path_factory):
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End the server's process group (the server and anything it started)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            break
         try:
             process.wait(timeout=30)
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            continue
+    process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +197,13 @@ def test_bad_clips_get_400_naming_the_clip_and_the_server_keeps_serving(client, 
         assert bad.name in refused.value.message
     answer = _ask(client, folder, _messages(clip.as_uri()))
     assert answer.choices[0].message.content.strip() == expected["generated_text"]
+
+
+@pytest.mark.slow
+def test_other_errors_keep_the_stock_answer(client, built, clip):
+    """Only the processor's refusals become 400: a bad `generation_config` (a ValueError elsewhere) stays a 500."""
+    with pytest.raises(openai.InternalServerError):
+        _ask(client, built[2], _messages(str(clip)), extra_body={"generation_config": "{not json"})
 
 
 # ----------------------------------------------------------------------------------------------
