@@ -7,6 +7,7 @@ A tiny random MultiMood (real Qwen2 tokenizer) is saved and served by `multimood
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -65,15 +66,13 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(scope="module")
-def server(built, tmp_path_factory):
-    """The base URL of `multimood serve --model <folder>` running in its own process group."""
-    folder = built[2]
+@contextlib.contextmanager
+def running_server(folder: Path, log: Path, *flags: str):
+    """The base URL of `multimood serve --model <folder> <flags>` running on 127.0.0.1 in its own process group."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "multimood.cli", "serve", "--model", str(folder), "--port", str(port)],
+            [sys.executable, "-m", "multimood.cli", "serve", "--model", str(folder), "--port", str(port), *flags],
             stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO_ROOT, start_new_session=True,
         )
     try:
@@ -93,6 +92,12 @@ def server(built, tmp_path_factory):
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(built, tmp_path_factory):
+    with running_server(built[2], tmp_path_factory.mktemp("serve_log") / "server.log") as url:
+        yield url
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -204,6 +209,22 @@ def test_other_errors_keep_the_stock_answer(client, built, clip):
     """Only the processor's refusals become 400: a bad `generation_config` (a ValueError elsewhere) stays a 500."""
     with pytest.raises(openai.InternalServerError):
         _ask(client, built[2], _messages(str(clip)), extra_body={"generation_config": "{not json"})
+
+
+@pytest.mark.slow
+def test_unconstrained_server_is_the_free_pipeline_answer(built, clip, tmp_path):
+    """`--unconstrained`: the label lines are generated freely, as the pipeline's `constrained=False`."""
+    model, processor, folder = built
+    pipe = EmotionalSupportPipeline(model=model, processor=processor, device="cpu")
+    turn = {"utterance": UTTERANCE, "videos": [str(clip)], "history": HISTORY, "situation": SITUATION,
+            "problem_type": PROBLEM}
+    with pytest.warns(UserWarning, match="free generation"):
+        free = pipe(turn, max_new_tokens=MAX_NEW, constrained=False)
+    assert "unknown_labels" in free  # the oracle differs from a constrained answer
+    with running_server(folder, tmp_path / "server.log", "--unconstrained") as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        answer = _ask(client, folder, _messages(str(clip)))
+    assert answer.choices[0].message.content.strip() == free["generated_text"]
 
 
 # ----------------------------------------------------------------------------------------------
