@@ -194,12 +194,13 @@ def test_bad_clips_get_400_naming_the_clip_and_the_server_keeps_serving(client, 
     folder = built[2]
     not_a_video = tmp_path / "notes.mp4"
     not_a_video.write_text("these are not video frames\n")
-    missing = clip.parent / "no_such_clip.mp4"
-    for bad in (missing, not_a_video):
+    missing = (clip.parent / "no_such_clip.mp4").as_uri()
+    remote = "http://127.0.0.1:9/remote_clip.mp4"  # refused by the processor before any connection
+    for bad, name in ((missing, "no_such_clip.mp4"), (not_a_video.as_uri(), "notes.mp4"), (remote, "remote_clip.mp4")):
         with pytest.raises(openai.BadRequestError) as refused:
-            _ask(client, folder, _messages(bad.as_uri()))
+            _ask(client, folder, _messages(bad))
         assert refused.value.status_code == 400
-        assert bad.name in refused.value.message
+        assert name in refused.value.message
     answer = _ask(client, folder, _messages(clip.as_uri()))
     assert answer.choices[0].message.content.strip() == expected["generated_text"]
 
