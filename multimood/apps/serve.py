@@ -4,7 +4,8 @@
 
 The server is transformers' own (`transformers.cli.serve.Serve`: `/v1/chat/completions` plain and streaming,
 `/v1/models`, `/health`), started in this process after `register_for_serving()` has told the Auto mappings the
-server consults about MultiMood. Nothing of the request handling is ours except two small additions:
+server consults about MultiMood. Ours are that registration and two small additions to it: the label-line hook
+in `generate` and the HTTP 400 for refused clips.
 
 Registration (`register_for_serving`), why each entry:
 - `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES["multimood"]`: the server's `ModelManager._load_model` loads a folder with
