@@ -61,8 +61,8 @@ def run_one(args, frames: int, size: int, workers: int) -> dict:
     import torch  # noqa: PLC0415
     from transformers import TrainerCallback  # noqa: PLC0415
 
-    from multimood.training import train as mm_train  # noqa: PLC0415
     from multimood.model.processing_multimood import MultimoodDataCollator  # noqa: PLC0415
+    from multimood.training import train as mm_train  # noqa: PLC0415
 
     n_records = (args.steps + 2) * args.batch_size
     lines = (args.data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:n_records]

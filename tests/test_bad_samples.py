@@ -11,9 +11,9 @@ import av
 import pytest
 
 from multimood.data import bad_samples
+from multimood.data.bad_samples import BadSampleError
 from multimood.training import quickstart
 from multimood.training import train as mm_train
-from multimood.data.bad_samples import BadSampleError
 
 # Records (0-based, in file order) given a bad clip, and the clip. The data file starts with a blank line and has
 # one in the middle, so a record's line is not its index + 1.

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.model_utils import multimodal_batch, tiny_config
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
+from tests.model_utils import multimodal_batch, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()

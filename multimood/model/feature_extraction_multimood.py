@@ -25,7 +25,6 @@ from transformers.audio_utils import mel_filter_bank, window_function
 
 from .media import decode_audio, distinct_clips, map_threads, resample_waveform, resolve_clip
 
-
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 HOP_LENGTH = 160  # 10 ms
 FFT_LENGTH = 512
