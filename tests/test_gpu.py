@@ -112,7 +112,9 @@ def _logits(model, batch) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
 
 
-def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, what: str):
+def _assert_logits_close(
+    actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, what: str
+):
     actual, expected = actual[mask], expected[mask]
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4, msg=what)
