@@ -4,9 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-EXTRAS ?= train,eval,test,demo
+EXTRAS ?= train,eval,test,demo,serving
 
-.PHONY: install test test-fast quickstart demo gpu-check clean
+.PHONY: install lint test test-fast quickstart demo gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-test: install
+# ruff (configured in pyproject.toml) over the whole tree; `make test` runs it first, so a lint failure fails CI.
+lint: install
+	@$(BIN)/ruff check . || { echo "make lint: ruff found the problems above (ruff check --fix sorts imports)" >&2; exit 1; }
+
+test: lint
 	$(BIN)/python -m pytest
 
 quickstart: install

@@ -14,8 +14,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from multimood.training import quickstart  # noqa: E402
 from multimood.apps.demo import build_demo, launch  # noqa: E402
+from multimood.training import quickstart  # noqa: E402
 
 QUICKSTART_MODEL = "outputs/quickstart"
 

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from transformers import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,12 +35,11 @@ sys.path.insert(0, str(REPO))
 from multimood import MultimoodForConditionalGeneration  # noqa: E402
 from multimood.model.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
 from multimood.model.processing_multimood import MultimoodProcessor  # noqa: E402
+from tests.model_utils import tiny_config  # noqa: E402
 
 
 def tiny_model_folder(data: Path, folder: Path) -> Path:
     """The tiny random model of tests/test_pipeline.py with its processor, saved with the pipeline files."""
-    from tests.model_utils import tiny_config  # noqa: PLC0415
-
     torch.manual_seed(0)
     config = tiny_config(audio_num_windows=2, audio_max_seconds=4.0, num_k_vid=2, initializer_range=0.2)
     config.text_config.initializer_range = 0.2
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or str(tiny_model_folder(data, Path(tmp) / "model"))
-        from transformers import pipeline  # noqa: PLC0415
 
         pipe = pipeline(TASK, model=folder, trust_remote_code=True, pipeline_class=EmotionalSupportPipeline,
                         device="cpu")

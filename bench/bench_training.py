@@ -1,8 +1,9 @@
-"""Benchmark: training throughput of the tiny MultiMood config on the real data, and how long each step waits for data.
+"""Benchmark: training throughput of the tiny MultiMood config on the real data, and how long each step waits for
+data.
 
 The real path end to end: MESC records (`shared/data/records/mesc_val_records.jsonl`), the real clips
-(`shared/data/media/video`, 720p H.264 + AAC), the real Qwen2 tokenizer, `multimood.training.train.main` with the HF `Trainer`
-and `MultimoodDataCollator` (decoding runs in the DataLoader workers), a tiny random model
+(`shared/data/media/video`, 720p H.264 + AAC), the real Qwen2 tokenizer, `multimood.training.train.main` with the HF
+`Trainer` and `MultimoodDataCollator` (decoding runs in the DataLoader workers), a tiny random model
 (`quickstart.tiny_model_config`). Each setting (frames x size, `dataloader_num_workers`) runs in a fresh process:
 
 - training: `Trainer.get_batch_samples` (the `next()` on the epoch iterator, i.e. the time the step waits for its
@@ -29,15 +30,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from transformers import TrainerCallback
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from multimood.model.processing_multimood import MultimoodDataCollator  # noqa: E402
+from multimood.training import quickstart  # noqa: E402
+from multimood.training import train as mm_train  # noqa: E402
 
 TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood tokens (tests/model_utils.py)
 
 
 def _argv(args, frames: int, size: int, workers: int, output_dir: str, records: Path) -> list[str]:
-    from multimood.training import quickstart  # noqa: PLC0415
-
     config = quickstart.tiny_model_config(TINY_VOCAB, num_frames=frames, image_size=size)
     return [
         "--model_config", json.dumps(config),
@@ -58,11 +64,6 @@ def _argv(args, frames: int, size: int, workers: int, output_dir: str, records: 
 
 def run_one(args, frames: int, size: int, workers: int) -> dict:
     """One setting in this process: the loader alone, then training with the data wait timed."""
-    import torch  # noqa: PLC0415
-    from transformers import TrainerCallback  # noqa: PLC0415
-
-    from multimood.training import train as mm_train  # noqa: PLC0415
-    from multimood.model.processing_multimood import MultimoodDataCollator  # noqa: PLC0415
 
     n_records = (args.steps + 2) * args.batch_size
     lines = (args.data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:n_records]
@@ -80,7 +81,7 @@ def run_one(args, frames: int, size: int, workers: int) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator, num_workers=workers,
                                          shuffle=False, persistent_workers=False)
     marks = []
-    for batch in loader:
+    for batch in loader:  # noqa: B007 - the last batch is read after the loop
         marks.append(time.perf_counter())
         if len(marks) == args.steps:
             break
@@ -203,7 +204,8 @@ def main() -> None:
             for w, r in sorted(by_w.items()):
                 if w == 0:
                     continue
-                print(f"{frames}x{size}: workers {w} vs 0: {r['samples_per_s'] / by_w[0]['samples_per_s']:.2f}x samples/s, "
+                speedup = r["samples_per_s"] / by_w[0]["samples_per_s"]
+                print(f"{frames}x{size}: workers {w} vs 0: {speedup:.2f}x samples/s, "
                       f"data wait {100 * by_w[0]['wait_share']:.1f}% -> {100 * r['wait_share']:.1f}% of the step")
     print(f"load after {_load()}")
     print("wait = time in next() on the epoch iterator; compute = step - wait; capacity = loader-only samples/s / "

@@ -30,6 +30,10 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+
+from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,13 +140,15 @@ def real_shaped_batch(config, batch_size: int, text_tokens: int, device: torch.d
         histories.append(history.flatten())
     input_ids = torch.stack(rows)
     size = config.image_size
+    mel_bins = config.audio_config.num_mel_bins
+    history_tokens = HISTORY_UTTERANCES * HISTORY_UTTERANCE_TOKENS
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "pixel_values_videos": torch.randn(batch_size, config.num_frames, 3, size, size, generator=generator),
-        "input_features": torch.randn(batch_size, audio_frames, config.audio_config.num_mel_bins, generator=generator) * 4 + 10,
+        "input_features": torch.randn(batch_size, audio_frames, mel_bins, generator=generator) * 4 + 10,
         "history_input_ids": torch.stack(histories),
-        "history_attention_mask": torch.ones(batch_size, HISTORY_UTTERANCES * HISTORY_UTTERANCE_TOKENS, dtype=torch.long),
+        "history_attention_mask": torch.ones(batch_size, history_tokens, dtype=torch.long),
     }
     if with_labels:
         labels = torch.full_like(input_ids, -100)
@@ -159,8 +165,6 @@ def real_shaped_batch(config, batch_size: int, text_tokens: int, device: torch.d
 def count_flops(step) -> int:
     """FLOPs of the matrix products, convolutions and attention that `step()` runs (forward and backward),
     counted by `torch.utils.flop_counter.FlopCounterMode`; elementwise work is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-
     with FlopCounterMode(display=False) as counter:
         step()
     return int(counter.get_total_flops())
@@ -185,8 +189,6 @@ def _sync(device: torch.device) -> None:
 
 def build_published_model(device: torch.device, seed: int = 0):
     """`MultimoodConfig()` with random weights, built directly on `device` in float32."""
-    from multimood import MultimoodConfig, MultimoodForConditionalGeneration  # noqa: PLC0415
-
     config = MultimoodConfig()
     config.text_config.pad_token_id = PAD_TOKEN_ID
     torch.manual_seed(seed)
@@ -312,8 +314,10 @@ def generation_benchmark(model, batch_size: int, args, device: torch.device) -> 
         "peak_memory_gib": _peak_memory(device),
     }
     detail = (f"prefill {prefill:.2f} s, decode {figures['decode_tokens_per_second']:,.0f} tokens/s, "
-              f"{figures['new_tokens_per_second']:,.0f} new tokens/s end to end{_memory_text(figures['peak_memory_gib'])}")
-    return Row("generate", f"batch {batch_size}, {figures['prompt_tokens']} prompt + {generated} new tokens", "ok", detail, figures)
+              f"{figures['new_tokens_per_second']:,.0f} new tokens/s end to end"
+              f"{_memory_text(figures['peak_memory_gib'])}")
+    name = f"batch {batch_size}, {figures['prompt_tokens']} prompt + {generated} new tokens"
+    return Row("generate", name, "ok", detail, figures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,8 +336,6 @@ def format_summary(rows: list[Row]) -> str:
 
 
 def environment() -> dict:
-    import transformers  # noqa: PLC0415
-
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.version.cuda, "device": None}
     if torch.cuda.is_available():
@@ -351,11 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="gpu_check.json", help="where the summary goes")
     parser.add_argument("--batch_size", type=int, default=2, help="training batch (the published recipe: 8 per GPU)")
-    parser.add_argument("--text_tokens", type=int, default=2048, help="text tokens per sample, media tokens come on top")
+    parser.add_argument("--text_tokens", type=int, default=2048,
+                        help="text tokens per sample, media tokens come on top")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
     parser.add_argument("--new_tokens", type=int, default=128, help="generated tokens per sample")
     parser.add_argument("--generation_batches", default="1,8", help="comma-separated batch sizes for generation")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak of the GPU when not in the table")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="dense bf16 peak of the GPU when not in the table")
     parser.add_argument("--skip_tests", action="store_true", help="skip part 1 (the pytest run)")
     parser.add_argument("--tests_timeout", type=int, default=300)
     return parser
@@ -389,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             model = build_published_model(device)
             rows.append(training_benchmark(model, args, device))
         except Exception as error:  # noqa: BLE001 - report the failure in the table, keep going
-            rows.append(Row("train", "MultimoodConfig() bf16 training step", "error", f"{type(error).__name__}: {error}"[:300]))
+            message = f"{type(error).__name__}: {error}"[:300]
+            rows.append(Row("train", "MultimoodConfig() bf16 training step", "error", message))
         if model is not None:
             model.to(torch.bfloat16).eval()
             model.config.use_cache = True

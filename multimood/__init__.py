@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from .model.configuration_multimood import BeatsConfig, MultimoodConfig
-from .model.modeling_beats import BeatsModel
 from .model.feature_extraction_multimood import MultimoodFeatureExtractor
+from .model.modeling_beats import BeatsModel
 from .model.modeling_multimood import MultimoodForConditionalGeneration, MultimoodModel, MultimoodPreTrainedModel
 from .model.pipeline_multimood import EmotionalSupportPipeline, save_pipeline_files
 from .model.processing_multimood import MultimoodDataCollator, MultimoodProcessor, parse_output

@@ -66,7 +66,8 @@ def describe_error(error: BaseException) -> str:
         text = f"{error.filename}: {error.strerror}"
     elif isinstance(error, pickle.UnpicklingError):  # never torch's advice to retry without weights_only
         blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        text = "refused to load a pickle that holds objects other than tensors" + (f" ({blocked[0]})" if blocked else "")
+        text = "refused to load a pickle that holds objects other than tensors"
+        text += f" ({blocked[0]})" if blocked else ""
     else:
         text = f"{type(error).__name__}: {error}"
     return " ".join(text.split())
@@ -92,7 +93,8 @@ def run_command(prog: str, function: Callable[[list[str]], Any], argv: list[str]
     except Exception as error:  # noqa: BLE001 - the contract: one line, the traceback only on request
         if debug:
             raise
-        hint = "" if isinstance(error, (MultimoodError, OSError)) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        ours = isinstance(error, (MultimoodError, OSError))
+        hint = "" if ours else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
         print(f"{prog}: error: {describe_error(error)}{hint}", file=sys.stderr)
         return EXIT_ERROR
     return result if isinstance(result, int) else 0

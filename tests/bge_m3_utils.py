@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
 WORDS = ("kate said that you feel unheard i am not sure what to say how are the weather is nice today tell me more "
          "about it really sorry hear lost your job this week").split()
@@ -15,14 +17,13 @@ HIDDEN = 32
 
 
 def write_tiny_bge_m3(root: Path, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
-
     vocab = {token: i for i, token in enumerate([*SPECIALS, *sorted(set(WORDS)), "?", ".", ","])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
     PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", cls_token="<s>", eos_token="</s>",
                             sep_token="</s>", pad_token="<pad>", unk_token="<unk>").save_pretrained(root)
     torch.manual_seed(seed)

@@ -9,7 +9,9 @@ from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood special tokens fit below this
 
 
-def tiny_config(compressor: str | None = "mamba2", projector: str = "stc_connector_v35", **overrides) -> MultimoodConfig:
+def tiny_config(
+    compressor: str | None = "mamba2", projector: str = "stc_connector_v35", **overrides
+) -> MultimoodConfig:
     """A MultiMood config with every block of the published model, a few thousand parameters each."""
     compressor_config = None
     if compressor == "mamba2":

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import pipeline
 
 from multimood import MultimoodForConditionalGeneration, cli
+from multimood.apps import demo
 from multimood.data.dataset_builder import convert_esconv, load_dialogues
 from multimood.model.pipeline_multimood import save_pipeline_files
 from multimood.model.processing_multimood import MultimoodProcessor
+from multimood.training.grpo import make_grpo_dataset
 from tests.model_utils import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +130,9 @@ PROCESSOR_CASES = {
     # name: (changes to a real text-only record, field, text the message must hold)
     "emotion outside the label set": ({"Emotion": "ecstatic"}, "Emotion", "'ecstatic'"),
     "strategy outside the label set": ({"Strategy": "hypnosis"}, "Strategy", "'hypnosis'"),
-    "client emotion outside the label set": ({"get_emotion_user_most_recent": "bored"}, "get_emotion_user_most_recent", "'bored'"),
+    "client emotion outside the label set": (
+        {"get_emotion_user_most_recent": "bored"}, "get_emotion_user_most_recent", "'bored'"
+    ),
     "empty client utterance": ({"utt_user_most_recent": []}, "utt_user_most_recent", "must not be empty"),
     "blank client utterance": ({"utt_user_most_recent": ["   ", ""]}, "utt_user_most_recent", "must not be empty"),
     "blank response": ({"Utterance": [" "]}, "Utterance", "must not be empty"),
@@ -152,7 +158,8 @@ def test_processor_rejects_bad_records_naming_the_field(processor, real_records,
 def test_processor_label_set_is_configurable(processor, real_records):
     """The MESC record's strategy is no ESConv label: an ESConv processor rejects it, naming the label set."""
     esconv = MultimoodProcessor.from_tokenizer(processor.tokenizer, label_set="esconv")
-    with pytest.raises(ValueError, match=r"record 0 \(Dialogue_ID=5\): field 'Strategy' is 'restatement', not one of the esconv"):
+    expected = r"record 0 \(Dialogue_ID=5\): field 'Strategy' is 'restatement', not one of the esconv"
+    with pytest.raises(ValueError, match=expected):
         esconv(records=[text_only(real_records[0], Emotion="sadness", get_emotion_user_most_recent="anxiety")],
                with_target=True)
 
@@ -418,7 +425,8 @@ def test_predict_skip_errors_skips_malformed_lines_and_lists_them(model_folder, 
     assert code == 0, text
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     assert [line["index"] for line in lines] == [0, 3]  # positions in the file
-    assert f"{data} line 2: not UTF-8" in text and f"{data} line 3: malformed JSON" in text and "2 record(s) skipped" in text
+    assert f"{data} line 2: not UTF-8" in text and f"{data} line 3: malformed JSON" in text
+    assert "2 record(s) skipped" in text
 
 
 def test_predict_reference_labels_outside_the_label_set(model_folder, real_records, tmp_path, capsys):
@@ -456,16 +464,12 @@ def test_predict_missing_data_and_video_folder(model_folder, records_file, tmp_p
 
 
 def test_pipeline_rejects_a_record_without_client_words(model_folder, real_records):
-    from transformers import pipeline  # noqa: PLC0415
-
     pipe = pipeline("emotional-support", model=str(model_folder), trust_remote_code=True, device="cpu")
     with pytest.raises(ValueError, match=r"Dialogue_ID=5.*'utt_user_most_recent' must not be empty"):
         pipe(text_only(real_records[0], utt_user_most_recent=[""]), max_new_tokens=2)
 
 
 def test_demo_functions_refuse_bad_input(model_folder, tmp_path, capsys):
-    from multimood.apps import demo  # noqa: PLC0415
-
     with pytest.raises(ValueError, match=r"processor_config.json"):
         demo.load_model(damaged_copy(model_folder, tmp_path, "no_processor_config"), device="cpu")
     with pytest.raises(ValueError, match=r"Line 1 .*'Client:' or 'Therapist:'"):
@@ -533,7 +537,8 @@ def train_file(real_records, tmp_path) -> Path:
     ],
 )
 def test_train_flags_fail_before_the_model_loads(train_file, tmp_path, capsys, flags, needles):
-    argv = ["train", "--data_path", train_file, "--output_dir", tmp_path / "out", "--model_path", "/no/such/llm", *flags]
+    argv = ["train", "--data_path", train_file, "--output_dir", tmp_path / "out", "--model_path", "/no/such/llm",
+            *flags]
     code, text = run_cli(argv, capsys)
     assert_error(code, text, *needles)
     assert "Loading" not in text and not (tmp_path / "out").exists()
@@ -549,15 +554,14 @@ def test_train_flags_fail_before_the_model_loads(train_file, tmp_path, capsys, f
 def test_train_data_errors_name_file_and_line(real_records, tmp_path, capsys, line, needles):
     """The cause used to hide behind `DatasetGenerationError` (or a label outside the set was trained on)."""
     data = write_lines(tmp_path / "train.jsonl", [json.dumps(real_records[0]).encode(), line])
-    code, text = run_cli(["train", "--data_path", data, "--output_dir", tmp_path / "out", "--model_path", "someone/llm"],
-                         capsys)
+    code, text = run_cli(
+        ["train", "--data_path", data, "--output_dir", tmp_path / "out", "--model_path", "someone/llm"], capsys
+    )
     assert_error(code, text, str(data), *needles)
     assert "DatasetGenerationError" not in text
 
 
 def test_grpo_prompts_reject_gold_labels_outside_the_label_set(processor, real_records, tmp_path):
-    from multimood.training.grpo import make_grpo_dataset  # noqa: PLC0415
-
     data = write_lines(tmp_path / "grpo.jsonl", [json.dumps(text_only(real_records[0])),
                                                  json.dumps(text_only(real_records[1], Strategy="hypnosis"))])
     with pytest.raises(ValueError, match=r"grpo.jsonl: record 1 \(Dialogue_ID=.*'Strategy' is 'hypnosis'"):
@@ -581,10 +585,9 @@ def published_folder(tmp_path: Path, weights: str) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "videollama2_qwen2", "hidden_size": 32}))
     if weights == "pickle":
-        torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "payload": _Payload()}, folder / "pytorch_model.bin")
+        torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "payload": _Payload()},
+                   folder / "pytorch_model.bin")
     elif weights == "truncated":
-        from safetensors.torch import save_file  # noqa: PLC0415
-
         save_file({"model.embed_tokens.weight": torch.zeros(64, 64)}, str(folder / "model.safetensors"))
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
@@ -609,7 +612,8 @@ def test_convert_to_published_and_push_of_a_damaged_folder(model_folder, tmp_pat
     broken = damaged_copy(model_folder, tmp_path, "truncated_weights")
     code, text = run_cli(["convert", "--to-published", broken, tmp_path / "out"], capsys)
     assert_error(code, text, "model.safetensors", "truncated")
-    code, text = run_cli(["push", "--model", tmp_path / "none", "--repo-id", "a/b", "--dry-run", tmp_path / "up"], capsys)
+    code, text = run_cli(["push", "--model", tmp_path / "none", "--repo-id", "a/b", "--dry-run", tmp_path / "up"],
+                         capsys)
     assert_error(code, text, "none", "no such model folder")
 
 
@@ -622,7 +626,8 @@ def _run(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     environment.pop("MULTIMOOD_DEBUG", None)
     environment.update(env or {})
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=environment, timeout=300, cwd=REPO)
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=environment, timeout=300,
+                          cwd=REPO)
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -636,7 +641,8 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_commands_as_subprocesses(real_records, model_folder, tmp_path):
     """The console scripts and run_scripts as real processes (each one imports torch: a few of them only)."""
-    bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(real_records[0]), json.dumps(dict(real_records[1], Emotion="ecstatic"))])
+    bad = write_lines(tmp_path / "bad.jsonl",
+                      [json.dumps(real_records[0]), json.dumps(dict(real_records[1], Emotion="ecstatic"))])
     good = write_lines(tmp_path / "good.jsonl", [json.dumps(text_only(r)) for r in real_records])
     python = sys.executable
     cases = [

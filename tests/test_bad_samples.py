@@ -9,11 +9,13 @@ from pathlib import Path
 
 import av
 import pytest
+from PIL import Image
+from transformers import AutoTokenizer
 
 from multimood.data import bad_samples
+from multimood.data.bad_samples import BadSampleError
 from multimood.training import quickstart
 from multimood.training import train as mm_train
-from multimood.data.bad_samples import BadSampleError
 
 # Records (0-based, in file order) given a bad clip, and the clip. The data file starts with a blank line and has
 # one in the middle, so a record's line is not its index + 1.
@@ -21,8 +23,6 @@ BAD_CLIPS = {3: "cut.mp4", 8: "photo.mp4", 10: "missing.mp4"}
 
 
 def _vocab(tokenizer: Path) -> int:
-    from transformers import AutoTokenizer
-
     return -(-(len(AutoTokenizer.from_pretrained(str(tokenizer))) + 4) // 8) * 8
 
 
@@ -35,14 +35,14 @@ def data(tmp_path_factory) -> dict:
 
     # cut.mp4: a faststart copy of a sample clip, cut at 60 % of its bytes (its sample table survives)
     whole = root / "whole.mp4"
-    with av.open(str(videos / "clip_e.mp4")) as reader, av.open(str(whole), "w", options={"movflags": "faststart"}) as writer:
+    faststart = {"movflags": "faststart"}
+    with av.open(str(videos / "clip_e.mp4")) as reader, av.open(str(whole), "w", options=faststart) as writer:
         stream = writer.add_stream_from_template(reader.streams.video[0])
         for packet in reader.demux(reader.streams.video[0]):
             if packet.dts is not None:
                 packet.stream = stream
                 writer.mux(packet)
     (videos / "cut.mp4").write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
-    from PIL import Image
 
     Image.new("RGB", (64, 48), (120, 90, 60)).save(videos / "photo.mp4", format="PNG")
 

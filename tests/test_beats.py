@@ -135,7 +135,9 @@ def test_positional_conv_is_weight_normed_over_kernel_axis() -> None:
     torch.testing.assert_close(fresh.weight, fresh.parametrizations.weight.original1)
 
 
-def naive_layer(layer, hidden: torch.Tensor, position_bias: torch.Tensor, key_padding: torch.Tensor | None, num_layers: int):
+def naive_layer(
+    layer, hidden: torch.Tensor, position_bias: torch.Tensor, key_padding: torch.Tensor | None, num_layers: int
+):
     """Textbook softmax(QK^T * scale + gated bias) V followed by the DeepNet post-LN residuals."""
     attn = layer.self_attn
     batch, length, dim = hidden.shape

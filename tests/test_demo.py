@@ -17,6 +17,7 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the demo needs the `demo` extra (pip install -e '.[demo]')")
 
 from multimood.apps import demo  # noqa: E402
+from multimood.training import quickstart  # noqa: E402
 
 NO_AUDIO_CLIP = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"
 
@@ -25,7 +26,6 @@ def quickstart_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quickstart model folder, trained once per test session (both demo test files call this)."""
     if os.environ.get("MULTIMOOD_DEMO_MODEL"):
         return Path(os.environ["MULTIMOOD_DEMO_MODEL"])
-    from multimood.training import quickstart
 
     root = tmp_path_factory.getbasetemp() / "demo_quickstart"
     folder = root / "model"

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import nltk
 import pytest
+import torch
 from nltk.tokenize import word_tokenize
 from nltk.translate.bleu_score import sentence_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from transformers import BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel, RobertaTokenizer
 
 from multimood.evaluation import metrics as evaluation
 from multimood.evaluation.metrics import (
@@ -324,9 +326,6 @@ def test_evaluate_load_offline(resources, nltk_dir, monkeypatch, tmp_path):
 
 
 def _tiny_bert(path: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     path.mkdir()
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] how are you feeling today ? i am here for that sounds hard .".split()
     (path / "vocab.txt").write_text("\n".join(words) + "\n")
@@ -360,8 +359,6 @@ def test_bertscore_roberta_tokenizer_adds_the_prefix_space(tmp_path):
     """bert_score encodes RoBERTa/GPT-2 text with a leading space; transformers 5 only honours that
     when the tokenizer is loaded with it."""
     pytest.importorskip("bert_score")
-    import torch
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
     path = tmp_path / "tiny-roberta"
     path.mkdir()

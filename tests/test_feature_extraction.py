@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoFeatureExtractor
+from transformers.audio_utils import spectrogram
 
+from multimood.model import feature_extraction_multimood
 from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
 from multimood.model.media import SAMPLING_RATE, decode_audio
 
@@ -169,8 +171,6 @@ def test_file_path_waveform_and_clip_list_agree(extractor: MultimoodFeatureExtra
 
 
 def test_clips_shared_by_samples_are_decoded_once(monkeypatch, media: Path):
-    from multimood.model import feature_extraction_multimood as module
-
     decoded = []
 
     def counting(path, *args, **kwargs):
@@ -179,7 +179,7 @@ def test_clips_shared_by_samples_are_decoded_once(monkeypatch, media: Path):
 
     clips = ["retalking_face_1.mp4", "retalking_face_2.mp4", "retalking_face_3.mp4"]
     turns = [clips[:2], clips, clips[1:], [clips[0], clips[0]]]
-    monkeypatch.setattr(module, "decode_audio", counting)
+    monkeypatch.setattr(feature_extraction_multimood, "decode_audio", counting)
     batch = MultimoodFeatureExtractor()(turns, video_folder=media / "video")
     assert sorted(decoded) == sorted(clips)
     monkeypatch.undo()
@@ -276,8 +276,6 @@ def test_errors_name_the_record(extractor: MultimoodFeatureExtractor, media: Pat
 
 def test_filterbank_equals_transformers_audio_utils(extractor: MultimoodFeatureExtractor):
     """The vectorised filterbank is the `transformers.audio_utils` Kaldi recipe of ENVIRONMENT.md."""
-    from transformers.audio_utils import spectrogram
-
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(480000) * 0.1).astype(np.float32), np.zeros(480000, np.float32)]
     ours = extractor._fbank(waves)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.model_utils import multimodal_batch, tiny_config
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
+from tests.model_utils import multimodal_batch, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -112,7 +112,9 @@ def _logits(model, batch) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
 
 
-def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, what: str):
+def _assert_logits_close(
+    actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, what: str
+):
     actual, expected = actual[mask], expected[mask]
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4, msg=what)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 from fractions import Fraction
+from math import gcd
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from multimood.model.media import (
     SAMPLING_RATE,
@@ -26,6 +28,7 @@ from multimood.model.media import (
     sample_timeline,
     uniform_frame_indices,
 )
+from multimood.model.video_processing_multimood import MultimoodVideoProcessor
 
 REAL_CLIPS = [
     "retalking_face_1.mp4",  # h264 700x700, variable frame rate, non-zero start time
@@ -347,8 +350,6 @@ def test_cut_off_matroska_is_an_error(video_dir: Path, tmp_path: Path):
 @pytest.mark.parametrize("kind", ["PNG", "JPEG", "BMP", "WEBP", "GIF"])
 def test_still_image_under_a_video_name_is_an_error(tmp_path: Path, kind: str):
     """A picture renamed .mp4 used to be read as a 1-frame video."""
-    from PIL import Image
-
     path = tmp_path / "photo.mp4"
     Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(path, format=kind)
     assert_clip_error(path, "is a still image")
@@ -358,8 +359,6 @@ def test_audio_file_with_a_cover_picture_is_not_a_video(tmp_path: Path, shared_d
     """An m4a/mp3 with album art has a "video" stream that is one attached picture."""
     if not HAS_FFMPEG:
         pytest.skip("needs the ffmpeg CLI to attach a cover picture")
-    from PIL import Image
-
     cover = tmp_path / "cover.jpg"
     Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(cover)
     path = tmp_path / "song.mp4"
@@ -371,8 +370,6 @@ def test_audio_file_with_a_cover_picture_is_not_a_video(tmp_path: Path, shared_d
 
 def test_short_but_whole_clips_are_accepted(tmp_path: Path):
     """Neither a one-frame h264 clip nor an animated GIF is refused: only pictures and cut-off files are."""
-    from PIL import Image
-
     assert probe_clip(write_clip(tmp_path / "one.mp4", num_frames=1), "r").num_frames == 1
     frames = [Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)) for i in range(5)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
@@ -437,8 +434,6 @@ def test_resampling_and_downmix_match_an_independent_computation(shared_data: Pa
         if rate == SAMPLING_RATE:  # 16 kHz stereo: only the down-mix, exact to one LSB of the s16 output
             np.testing.assert_allclose(ours, mono, atol=1.01 / 32768)
             continue
-        from math import gcd
-
         up, down = SAMPLING_RATE // gcd(SAMPLING_RATE, rate), rate // gcd(SAMPLING_RATE, rate)
         reference = signal.resample_poly(mono, up, down)
         n = min(len(ours), len(reference))
@@ -464,8 +459,6 @@ def test_clip_without_audio_is_silence_of_its_duration(tmp_path: Path, video_dir
 
 def test_the_video_processor_refuses_a_cut_off_clip(video_dir: Path, tmp_path: Path):
     """What predict, the pipeline and training call: the error names the record and the clip, no frames come out."""
-    from multimood.model.video_processing_multimood import MultimoodVideoProcessor
-
     shutil.copyfile(video_dir / "retalking_face_2.mp4", tmp_path / "whole.mp4")
     cut(video_dir / "videollama2_sample_demo_3_baby_playing.mp4", tmp_path / "cut.mp4", 0.5)
     with pytest.raises(ValueError) as raised:

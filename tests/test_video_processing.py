@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoVideoProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from multimood.model import video_processing_multimood
 from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
 from multimood.model.media import probe_clip, sample_timeline
 from multimood.model.video_processing_multimood import MultimoodVideoProcessor
@@ -110,8 +111,6 @@ def test_batch_uses_the_last_clips_and_offsets_positions(processor: MultimoodVid
 
 
 def test_clips_shared_by_samples_are_probed_and_decoded_once(monkeypatch, video_dir: Path):
-    from multimood.model import video_processing_multimood as module
-
     opened = {"probe": [], "decode": []}
 
     def counting(name, function):
@@ -121,6 +120,7 @@ def test_clips_shared_by_samples_are_probed_and_decoded_once(monkeypatch, video_
 
         return wrapper
 
+    module = video_processing_multimood
     monkeypatch.setattr(module, "probe_clip", counting("probe", module.probe_clip))
     monkeypatch.setattr(module, "decode_frames", counting("decode", module.decode_frames))
     turns = [MIXED[:2], MIXED[:3], MIXED[1:3], [MIXED[0]]]  # consecutive turns share clips

@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+
+from ..evaluation.predict import load_pipeline
+from ..model.media import decode_audio
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -155,10 +159,6 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> DemoModel:
     """The "emotional-support" pipeline of a saved model folder or Hub repo: its model and processor code,
     this package's pipeline class (so label scores are there whatever pipeline file the folder carries)."""
-    import torch  # noqa: PLC0415
-
-    from ..evaluation.predict import load_pipeline  # noqa: PLC0415
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(os.fspath(model_dir), device=device)
@@ -275,9 +275,7 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
                   ) -> tuple[Figure | None, list[list], list[str]]:
     """(waveform figure with the windows shaded, one table row per window, notices) for the clips the
     feature extractor uses; `first_position` is the position of `clips[0]` in the turn's clip list."""
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    from ..model.media import decode_audio  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - optional (demo extra), only for a turn with audio
 
     rate = feature_extractor.sampling_rate
     tracks = [decode_audio(Path(clip), "demo", rate=rate) for clip in clips]
@@ -333,7 +331,7 @@ def audio_windows(feature_extractor: Any, clips: Sequence[str], first_position: 
 
 def label_figure(label_scores: dict[str, dict[str, float]], answer: dict) -> Figure:
     """Horizontal bar charts of each label line's probabilities; the chosen label is highlighted."""
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415 - optional (demo extra), only when scores are shown
 
     titles = {"client_emotion": "Client emotion", "therapist_emotion": "Therapist emotion", "strategy": "Strategy"}
     fields = [name for name in titles if name in label_scores]
@@ -391,10 +389,16 @@ def predict(model: DemoModel, history: Sequence[dict], utterance: str | None, cl
 # ----------------------------------------------------------------------------------------------
 
 
-def _update(**kwargs) -> dict:
-    import gradio as gr  # noqa: PLC0415
+def _gradio() -> Any:
+    """Gradio, imported on first use: it is the optional `demo` extra and takes seconds to import, while the
+    page's plain functions (and their tests) run without it."""
+    import gradio  # noqa: PLC0415 - optional heavy dependency, see the docstring
 
-    return gr.update(**kwargs)
+    return gradio
+
+
+def _update(**kwargs) -> dict:
+    return _gradio().update(**kwargs)
 
 
 def _notices_html(notices: Sequence[str]) -> str:
@@ -495,11 +499,95 @@ def add_recording(clips: Sequence[Any] | None, recording: str | None) -> tuple[l
 # ----------------------------------------------------------------------------------------------
 
 
+def _input_column(gr: Any) -> dict[str, Any]:
+    """The turn's inputs: clips (uploaded or recorded), utterance, situation, problem type, Submit / Continue."""
+    parts: dict[str, Any] = {}
+    parts["clips"] = gr.File(label=f"Clips of the client for this turn (up to {MAX_CLIPS}, oldest first)",
+                             file_count="multiple", file_types=["video"], type="filepath", elem_id="clips")
+    with gr.Accordion("Record a clip with the webcam", open=False):
+        parts["recorder"] = gr.Video(sources=["webcam"], include_audio=True, label="Recording", elem_id="recorder")
+        parts["add_recording"] = gr.Button("Add the recording to the clips", elem_id="add-recording")
+    parts["utterance"] = gr.Textbox(label="Client's current utterance", lines=2, elem_id="utterance",
+                                    placeholder="What the client says now")
+    parts["situation"] = gr.Textbox(label="Situation", lines=2, elem_id="situation")
+    parts["problem_type"] = gr.Dropdown(PROBLEM_TYPES, value=None, allow_custom_value=True, label="Problem type",
+                                        elem_id="problem-type")
+    with gr.Row():
+        parts["submit"] = gr.Button("Submit", variant="primary", elem_id="submit")
+        parts["continue"] = gr.Button("Continue the conversation", interactive=False, elem_id="continue")
+    return parts
+
+
+def _conversation_column(gr: Any) -> dict[str, Any]:
+    """The earlier conversation: the chat view, adding a turn, clearing, pasting a whole conversation."""
+    parts: dict[str, Any] = {}
+    parts["chat"] = gr.Chatbot(label="Earlier conversation (client: right, therapist: left)", height=320,
+                               elem_id="history")
+    with gr.Row():
+        parts["speaker"] = gr.Dropdown(list(ROLES), value="Client", label="Speaker", scale=1, elem_id="turn-role")
+        parts["turn_text"] = gr.Textbox(label="Turn", scale=3, elem_id="turn-text")
+    with gr.Row():
+        parts["add_turn"] = gr.Button("Add turn", elem_id="add-turn")
+        parts["clear"] = gr.Button("Clear conversation", elem_id="clear-history")
+    with gr.Accordion("Paste a conversation", open=False):
+        parts["pasted"] = gr.Textbox(label="One turn per line, starting with 'Client:' or 'Therapist:'", lines=5,
+                                     elem_id="paste")
+        parts["paste"] = gr.Button("Use the pasted conversation", elem_id="paste-load")
+    return parts
+
+
+def _answer_area(gr: Any, frames_per_turn: int) -> dict[str, Any]:
+    """What a prediction shows, keyed as `SUBMIT_OUTPUTS` (less the state and the Continue button): messages,
+    labels, response, label probabilities, the frames and the audio windows."""
+    parts: dict[str, Any] = {}
+    parts["error"] = gr.HTML("", visible=False, elem_id="error")
+    parts["notices"] = gr.HTML("", elem_id="notices")
+    with gr.Row():
+        with gr.Column():
+            parts["client_emotion"] = gr.Textbox(label="Client emotion", interactive=False, elem_id="client-emotion")
+            parts["therapist_emotion"] = gr.Textbox(label="Therapist emotion", interactive=False,
+                                                    elem_id="therapist-emotion")
+            parts["strategy"] = gr.Textbox(label="Strategy", interactive=False, elem_id="strategy")
+            parts["response"] = gr.Textbox(label="Response", interactive=False, lines=4, elem_id="response")
+        with gr.Column():
+            parts["label_scores"] = gr.Plot(label="Label probabilities", visible=False, elem_id="label-scores")
+    columns = min(frames_per_turn, 8)
+    rows = -(-frames_per_turn // columns)
+    parts["frames"] = gr.Gallery(label=f"Frames the model looked at ({frames_per_turn} per turn)", columns=columns,
+                                 rows=rows, height=rows * (1200 // columns) + 60, object_fit="contain",
+                                 elem_id="frames")
+    parts["audio_plot"] = gr.Plot(label="Audio windows the model heard", elem_id="audio-windows")
+    parts["audio_windows"] = gr.Dataframe(headers=["window", "start (s)", "end (s)", "heard from"],
+                                          label="Audio windows", interactive=False, elem_id="audio-window-table")
+    return parts
+
+
+def _connect_events(model: DemoModel, history: Any, last_turn: Any, turn: dict[str, Any],
+                    conversation: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Wire the buttons to the plain functions above (`submit`, `continue_conversation`, `add_turn`, ...)."""
+
+    def on_submit(*values):
+        result = submit(model, *values)
+        return [result[key] for key in SUBMIT_OUTPUTS]
+
+    turn_inputs = [history, turn["utterance"], turn["clips"], turn["situation"], turn["problem_type"]]
+    turn["submit"].click(on_submit, turn_inputs, [outputs[key] for key in SUBMIT_OUTPUTS], api_name="predict")
+    turn["continue"].click(continue_conversation, [history, last_turn],
+                           [history, turn["utterance"], turn["clips"], last_turn, turn["continue"]])
+    new_turn = [history, conversation["speaker"], conversation["turn_text"]]
+    conversation["add_turn"].click(add_turn, new_turn, [history, conversation["turn_text"]])
+    conversation["turn_text"].submit(add_turn, new_turn, [history, conversation["turn_text"]])
+    conversation["paste"].click(load_pasted_conversation, [history, conversation["pasted"]],
+                                [history, conversation["pasted"], outputs["error"]])
+    conversation["clear"].click(clear_conversation, None, [history, last_turn, turn["continue"]])
+    turn["add_recording"].click(add_recording, [turn["clips"], turn["recorder"]], [turn["clips"], turn["recorder"]])
+    history.change(show_history, history, conversation["chat"], api_visibility="private")
+
+
 def build_demo(model: str | os.PathLike | DemoModel, device: str | None = None,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> gr.Blocks:
     """The Gradio page of `model` (a model folder or Hub repo, loaded once here, or a loaded `DemoModel`)."""
-    import gradio as gr  # noqa: PLC0415
-
+    gr = _gradio()
     if not isinstance(model, DemoModel):
         model = load_model(model, device=device, max_new_tokens=max_new_tokens)
     frames_per_turn = int(model.processor.video_processor.num_frames)
@@ -513,79 +601,18 @@ def build_demo(model: str | os.PathLike | DemoModel, device: str | None = None,
         crisis = gr.HTML("", visible=False, elem_id="crisis")
         with gr.Row():
             with gr.Column():
-                clips = gr.File(label=f"Clips of the client for this turn (up to {MAX_CLIPS}, oldest first)",
-                                file_count="multiple", file_types=["video"], type="filepath", elem_id="clips")
-                with gr.Accordion("Record a clip with the webcam", open=False):
-                    recorder = gr.Video(sources=["webcam"], include_audio=True, label="Recording", elem_id="recorder")
-                    add_recording_button = gr.Button("Add the recording to the clips", elem_id="add-recording")
-                utterance = gr.Textbox(label="Client's current utterance", lines=2, elem_id="utterance",
-                                       placeholder="What the client says now")
-                situation = gr.Textbox(label="Situation", lines=2, elem_id="situation")
-                problem_type = gr.Dropdown(PROBLEM_TYPES, value=None, allow_custom_value=True, label="Problem type",
-                                           elem_id="problem-type")
-                with gr.Row():
-                    submit_button = gr.Button("Submit", variant="primary", elem_id="submit")
-                    continue_button = gr.Button("Continue the conversation", interactive=False, elem_id="continue")
+                turn = _input_column(gr)
             with gr.Column():
-                chat = gr.Chatbot(label="Earlier conversation (client: right, therapist: left)", height=320,
-                                  elem_id="history")
-                with gr.Row():
-                    speaker = gr.Dropdown(list(ROLES), value="Client", label="Speaker", scale=1, elem_id="turn-role")
-                    turn_text = gr.Textbox(label="Turn", scale=3, elem_id="turn-text")
-                with gr.Row():
-                    add_turn_button = gr.Button("Add turn", elem_id="add-turn")
-                    clear_button = gr.Button("Clear conversation", elem_id="clear-history")
-                with gr.Accordion("Paste a conversation", open=False):
-                    pasted = gr.Textbox(label="One turn per line, starting with 'Client:' or 'Therapist:'", lines=5,
-                                        elem_id="paste")
-                    paste_button = gr.Button("Use the pasted conversation", elem_id="paste-load")
-        error = gr.HTML("", visible=False, elem_id="error")
-        notices = gr.HTML("", elem_id="notices")
-        with gr.Row():
-            with gr.Column():
-                client_emotion = gr.Textbox(label="Client emotion", interactive=False, elem_id="client-emotion")
-                therapist_emotion = gr.Textbox(label="Therapist emotion", interactive=False,
-                                               elem_id="therapist-emotion")
-                strategy = gr.Textbox(label="Strategy", interactive=False, elem_id="strategy")
-                response = gr.Textbox(label="Response", interactive=False, lines=4, elem_id="response")
-            with gr.Column():
-                label_scores = gr.Plot(label="Label probabilities", visible=False, elem_id="label-scores")
-        columns = min(frames_per_turn, 8)
-        rows = -(-frames_per_turn // columns)
-        frames = gr.Gallery(label=f"Frames the model looked at ({frames_per_turn} per turn)", columns=columns,
-                            rows=rows, height=rows * (1200 // columns) + 60, object_fit="contain", elem_id="frames")
-        audio_plot = gr.Plot(label="Audio windows the model heard", elem_id="audio-windows")
-        audio_table = gr.Dataframe(headers=["window", "start (s)", "end (s)", "heard from"], label="Audio windows",
-                                   interactive=False, elem_id="audio-window-table")
-
-        outputs = {
-            "client_emotion": client_emotion, "therapist_emotion": therapist_emotion, "strategy": strategy,
-            "response": response, "label_scores": label_scores, "frames": frames, "audio_plot": audio_plot,
-            "audio_windows": audio_table, "notices": notices, "error": error, "crisis": crisis,
-            "last_turn": last_turn, "continue": continue_button,
-        }
-
-        def on_submit(*values):
-            result = submit(model, *values)
-            return [result[key] for key in SUBMIT_OUTPUTS]
-
-        submit_button.click(on_submit, [history, utterance, clips, situation, problem_type],
-                            [outputs[key] for key in SUBMIT_OUTPUTS], api_name="predict")
-        continue_button.click(continue_conversation, [history, last_turn],
-                              [history, utterance, clips, last_turn, continue_button])
-        add_turn_button.click(add_turn, [history, speaker, turn_text], [history, turn_text])
-        turn_text.submit(add_turn, [history, speaker, turn_text], [history, turn_text])
-        paste_button.click(load_pasted_conversation, [history, pasted], [history, pasted, error])
-        clear_button.click(clear_conversation, None, [history, last_turn, continue_button])
-        add_recording_button.click(add_recording, [clips, recorder], [clips, recorder])
-        history.change(show_history, history, chat, api_visibility="private")
+                conversation = _conversation_column(gr)
+        outputs = {**_answer_area(gr, frames_per_turn), "crisis": crisis, "last_turn": last_turn,
+                   "continue": turn["continue"]}
+        _connect_events(model, history, last_turn, turn, conversation, outputs)
     return demo
 
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False) -> None:
     """Serve the page (blocks); `host=None` lets Gradio read GRADIO_SERVER_NAME (as Hugging Face Spaces set it)."""
-    import gradio as gr  # noqa: PLC0415
-
+    gr = _gradio()
     # one prediction at a time (one model in memory); the default theme's fonts are served by Gradio itself,
     # so the page needs no internet
     demo.queue(default_concurrency_limit=1).launch(

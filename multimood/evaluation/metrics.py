@@ -41,11 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import nltk
+import torch
+from nltk.corpus import wordnet
 from nltk.tokenize import word_tokenize
 from nltk.translate.bleu_score import sentence_bleu
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sacrebleu.metrics import BLEU
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from transformers import AutoConfig, AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
 
 from ..cli import run_command
 from ..data.dataset_builder import iter_json_items
@@ -217,8 +221,6 @@ def resolve_wordnet(nltk_data: str | Path | None = None) -> tuple[Any | None, di
             return None, info, [note]
         if str(data_dir) not in nltk.data.path:
             nltk.data.path.append(str(data_dir))
-    from nltk.corpus import wordnet
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wordnet_version = wordnet.get_version()
@@ -253,9 +255,8 @@ class BertScorer:
     def __init__(
         self, model_path: str | Path, num_layers: int | None = None, batch_size: int = 64, device: str | None = None
     ):
-        import torch
-        from bert_score.utils import get_model, model2layers
-        from transformers import AutoConfig, AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
+        # bert_score takes seconds to import (pandas, its model tables): only when BERTScore is asked for
+        from bert_score.utils import get_model, model2layers  # noqa: PLC0415
 
         path = str(model_path)
         if num_layers is not None:
@@ -283,7 +284,7 @@ class BertScorer:
         }
 
     def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> list[float]:
-        from bert_score.utils import bert_cos_score_idf
+        from bert_score.utils import bert_cos_score_idf  # noqa: PLC0415 - slow import, see __init__
 
         scores = [0.0] * len(candidates)
         keep = [i for i, (c, r) in enumerate(zip(candidates, references)) if c.strip() and r.strip()]
@@ -459,8 +460,6 @@ def paper_metrics(predictions: Sequence[str], references: Sequence[str], resourc
 
 def strict_metrics(predictions: Sequence[str], references: Sequence[str], resources: TextResources) -> dict[str, Any]:
     """Unparseable predictions count as wrong (labels) or empty (response); unparseable references are excluded."""
-    from sacrebleu.metrics import BLEU
-
     gold_all = [parse_strict(t) for t in references]
     pred_all = [parse_strict(t) for t in predictions]
     keep = [i for i, g in enumerate(gold_all) if all(g[key] is not None for key in FIELDS)]
@@ -575,8 +574,7 @@ def _label_order(y_true: list[str], y_pred: list[str]) -> list[str]:
 
 
 def _confusion_png(y_true: list[str], y_pred: list[str], title: str, path: Path) -> None:
-    from matplotlib.figure import Figure
-    from sklearn.metrics import confusion_matrix
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only for --report's images
 
     columns = _label_order(y_true, y_pred)
     rows = sorted(set(y_true))

@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import pipeline, set_seed
 
+from ..checkpoints.hub import ModelFolderError, check_model_folder
 from ..cli import run_command
 from ..data.dataset_builder import SplitReport, iter_located_records
-from ..checkpoints.hub import ModelFolderError, check_model_folder
 from ..model.pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
 from ..model.processing_multimood import PROMPT_STYLES
 from ..model.records import TARGET_FIELDS, MultimoodError, MultimoodRecordError
@@ -109,8 +111,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise MultimoodError(f"--top_p must be in (0, 1], got {args.top_p}")
     if not os.path.isfile(args.data):
-        raise MultimoodError(f"--data {args.data}: " + ("is a folder, expected a records file" if os.path.isdir(args.data)
-                                                         else "no such file"))
+        problem = "is a folder, expected a records file" if os.path.isdir(args.data) else "no such file"
+        raise MultimoodError(f"--data {args.data}: {problem}")
     output = Path(args.output)
     if output.is_dir():
         raise MultimoodError(f"--output {args.output}: is a folder, expected a file name")
@@ -126,8 +128,6 @@ def load_pipeline(model: str, device=None, device_map=None, dtype="auto") -> Emo
 
     A damaged folder (missing files, truncated weights) raises `ModelFolderError` naming the file.
     """
-    from transformers import pipeline  # noqa: PLC0415
-
     folder = check_model_folder(model)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device is not None:
@@ -188,24 +188,91 @@ def output_line(index: int, record: dict, answer: dict, reference: str | None) -
     return line
 
 
-def predict_main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    check_model_folder(args.model)
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    from transformers import set_seed  # noqa: PLC0415
+def _where(data: str, index: int, location: str, record: dict) -> str:
+    """The name of a record in messages: file, line and position (and Dialogue_ID when it has one)."""
+    dialogue = f", Dialogue_ID={record['Dialogue_ID']}" if record.get("Dialogue_ID") is not None else ""
+    return f"{data} {location} (record {index}{dialogue})"
 
+
+def read_records(args: argparse.Namespace) -> tuple[list[tuple[int, str, dict]], list[str]]:
+    """((index, location, record) of the records to answer, problems of the lines left out by --skip_errors)."""
     read = SplitReport(files=[args.data])
     located = [
         (index, location, record)
         for index, location, record in iter_located_records(args.data, False, args.skip_errors, read)
         if args.limit is None or index < args.limit
     ]
-    errors = list(read.problems)
+    return located, list(read.problems)
 
-    def where(index: int, location: str, record: dict) -> str:
-        dialogue = f", Dialogue_ID={record['Dialogue_ID']}" if record.get("Dialogue_ID") is not None else ""
-        return f"{args.data} {location} (record {index}{dialogue})"
+
+def gold_references(pipe: EmotionalSupportPipeline, located: list[tuple[int, str, dict]], args: argparse.Namespace,
+                    errors: list[str]) -> tuple[dict[int, str | None], list[tuple[int, str, dict]]]:
+    """(reference answer per record index, the records kept): the targets must name the model's label sets,
+    checked before generating since it is cheap; a record that fails is an error, or left out and listed in
+    `errors` with --skip_errors."""
+    references: dict[int, str | None] = {}
+    kept = []
+    for index, location, record in located:
+        try:
+            references[index] = reference_of(pipe.processor, record, index, args.prompt_style)
+        except MultimoodError as error:
+            message = f"{_where(args.data, index, location, record)}: {_problem(error)}"
+            if not args.skip_errors:
+                raise MultimoodError(message + " (--skip_errors leaves out such records)") from None
+            errors.append(message)
+            continue
+        kept.append((index, location, record))
+    return references, kept
+
+
+def pipeline_kwargs(args: argparse.Namespace, constrained: bool) -> dict[str, Any]:
+    """The pipeline call's arguments from the flags: only the decoding flags given override the folder's."""
+    call_kwargs: dict[str, Any] = {"video_folder": args.video_folder, "constrained": constrained}
+    if args.max_new_tokens is not None:
+        call_kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.do_sample:
+        call_kwargs["do_sample"] = True
+    for name in ("temperature", "top_p", "num_beams"):
+        if getattr(args, name) is not None:
+            call_kwargs[name] = getattr(args, name)
+    if args.max_length is not None:
+        call_kwargs["processor_kwargs"] = {"max_length": args.max_length}
+    if args.prompt_style is not None:
+        call_kwargs["prompt_style"] = args.prompt_style
+    return call_kwargs
+
+
+def answer_batch(pipe: EmotionalSupportPipeline, chunk: list[tuple[int, str, dict]], call_kwargs: dict[str, Any],
+                 args: argparse.Namespace, errors: list[str], written_note: str) -> list[tuple[tuple, dict]]:
+    """((index, location, record), answer) for a batch; when the batch fails, its records are answered one by
+    one to find the ones that fail (an error naming the record, or left out and listed with --skip_errors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*answers have labels.*")
+        try:
+            answers = pipe([record for _, _, record in chunk], batch_size=len(chunk), **call_kwargs)
+            return list(zip(chunk, answers))
+        except (ValueError, OSError, RuntimeError):
+            pass
+        done = []
+        for item in chunk:
+            index, location, record = item
+            try:
+                done.append((item, pipe(record, **call_kwargs)))
+            except (ValueError, OSError, RuntimeError) as single_error:
+                message = f"{_where(args.data, index, location, record)}: {_problem(single_error)}"
+                if not args.skip_errors:
+                    raise MultimoodError(
+                        f"{message} (--skip_errors leaves out such records; {written_note})"
+                    ) from single_error
+                errors.append(message)
+        return done
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    check_model_folder(args.model)
+    located, errors = read_records(args)
 
     set_seed(args.seed)
     start = time.time()
@@ -214,31 +281,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     if args.dtype == "auto":
         apply_published_dtype(pipe, prompt_style)
     constrained = not is_published_style(prompt_style) if args.constrained is None else args.constrained
-    references: dict[int, str | None] = {}
-    kept = []
-    for index, location, record in located:  # the targets name the model's label sets (cheap, before generating)
-        try:
-            references[index] = reference_of(pipe.processor, record, index, args.prompt_style)
-        except MultimoodError as error:
-            message = f"{where(index, location, record)}: {_problem(error)}"
-            if not args.skip_errors:
-                raise MultimoodError(message + " (--skip_errors leaves out such records)") from None
-            errors.append(message)
-            continue
-        kept.append((index, location, record))
-    generate_kwargs: dict[str, Any] = {}
-    if args.max_new_tokens is not None:
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.do_sample:
-        generate_kwargs["do_sample"] = True
-    for name in ("temperature", "top_p", "num_beams"):
-        if getattr(args, name) is not None:
-            generate_kwargs[name] = getattr(args, name)
-    call_kwargs = {"video_folder": args.video_folder, "constrained": constrained, **generate_kwargs}
-    if args.max_length is not None:
-        call_kwargs["processor_kwargs"] = {"max_length": args.max_length}
-    if args.prompt_style is not None:
-        call_kwargs["prompt_style"] = args.prompt_style
+    references, kept = gold_references(pipe, located, args, errors)
+    call_kwargs = pipeline_kwargs(args, constrained)
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -249,26 +293,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     ) as bar:
         for begin in range(0, len(kept), args.batch_size):
             chunk = kept[begin : begin + args.batch_size]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*answers have labels.*")
-                try:
-                    answers = pipe([record for _, _, record in chunk], batch_size=len(chunk), **call_kwargs)
-                    done = [(item, answer) for item, answer in zip(chunk, answers)]
-                except (ValueError, OSError, RuntimeError):
-                    done = []
-                    for item in chunk:  # find the records that fail
-                        index, location, record = item
-                        try:
-                            done.append((item, pipe(record, **call_kwargs)))
-                        except (ValueError, OSError, RuntimeError) as single_error:
-                            message = f"{where(index, location, record)}: {_problem(single_error)}"
-                            if not args.skip_errors:
-                                raise MultimoodError(
-                                    f"{message} (--skip_errors leaves out such records; {written} predictions "
-                                    f"were written to {output})"
-                                ) from single_error
-                            errors.append(message)
-            for (index, _, record), answer in done:
+            written_note = f"{written} predictions were written to {output}"
+            for (index, _, record), answer in answer_batch(pipe, chunk, call_kwargs, args, errors, written_note):
                 line = output_line(index, record, answer, references[index])
                 unknown += bool(line.get("unknown_labels"))
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -25,7 +25,6 @@ from transformers.audio_utils import mel_filter_bank, window_function
 
 from .media import decode_audio, distinct_clips, map_threads, resample_waveform, resolve_clip
 
-
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 HOP_LENGTH = 160  # 10 ms
 FFT_LENGTH = 512
@@ -235,7 +234,8 @@ class MultimoodFeatureExtractor(SequenceFeatureExtractor):
         """[start, end) sample indices of the windows of a `num_samples`-sample timeline (ends may pass it):
         int() truncation of start * rate and (start + window_seconds) * rate, as the published slicing does."""
         rate = self.sampling_rate
-        window = Fraction(self.window_seconds) if self.audio_window_rule == "pytorchvideo-0.1.5" else self.window_seconds
+        published_rule = self.audio_window_rule == "pytorchvideo-0.1.5"
+        window = Fraction(self.window_seconds) if published_rule else self.window_seconds
         return [
             (int(start * rate), int((start + window) * rate)) for start in self._window_starts(num_samples / rate)
         ]

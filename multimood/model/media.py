@@ -28,7 +28,6 @@ from typing import TypeVar
 import av
 import numpy as np
 
-
 SAMPLING_RATE = 16000
 
 # Decoders whose "skip non-reference frames" mode is exact: a non-reference picture (H.264 nal_ref_idc 0,

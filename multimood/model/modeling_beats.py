@@ -110,7 +110,9 @@ class BeatsPositionalConvEmbedding(nn.Sequential):
 
     def __init__(self, config: BeatsConfig) -> None:
         dim = config.encoder_embed_dim
-        conv = nn.Conv1d(dim, dim, kernel_size=config.conv_pos, padding=config.conv_pos // 2, groups=config.conv_pos_groups)
+        conv = nn.Conv1d(
+            dim, dim, kernel_size=config.conv_pos, padding=config.conv_pos // 2, groups=config.conv_pos_groups
+        )
         # dim=2: one magnitude per kernel tap, shared over all channels (as in wav2vec 2.0 / BEATs).
         if not is_deepspeed_zero3_enabled():
             conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
@@ -118,7 +120,7 @@ class BeatsPositionalConvEmbedding(nn.Sequential):
             return
         # ZeRO-3 partitions the weight as soon as the conv is built: weight-norm the gathered weight, and let this
         # module's forward gather (g, v), which live on the parametrization that nothing calls.
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 - optional heavy dependency, installed only where ZeRO-3 runs
 
         with deepspeed.zero.GatheredParameters(conv.weight, modifier_rank=0):
             conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
@@ -231,7 +233,9 @@ class BeatsEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: BeatsConfig) -> None:
         super().__init__()
         if config.activation_fn not in _ACTIVATIONS:
-            raise ValueError(f"Unsupported activation_fn {config.activation_fn!r}; expected one of {sorted(_ACTIVATIONS)}")
+            raise ValueError(
+                f"Unsupported activation_fn {config.activation_fn!r}; expected one of {sorted(_ACTIVATIONS)}"
+            )
         dim = config.encoder_embed_dim
         self.self_attn = BeatsAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(dim)

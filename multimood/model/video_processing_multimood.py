@@ -25,6 +25,7 @@ from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
 
 from .media import (
+    ClipInfo,
     decode_frames,
     distinct_clips,
     map_threads,
@@ -145,30 +146,11 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
             picks = [[(clip, nearest_keyframes(clips[clip], [index])[0]) for clip, index in sample]
                      for clips, sample in zip(infos, picks)]
 
-        # 3. decode and resize the picked frames, one job per distinct clip (all samples' picks together)
-        wanted: dict[Path, set[int]] = {}
-        for (_, paths), sample_picks in zip(selected, picks):
-            for clip, index in sample_picks:
-                wanted.setdefault(paths[clip], set()).add(index)
-        jobs = [(info_of[path], sorted(indices), first_user[path]) for path, indices in wanted.items()]
-        transform = self._frame_transform(settings)
-        codec_threads = max(1, threads // max(1, len(jobs)))
-
-        def decode(job: tuple) -> dict[int, np.ndarray]:
-            info, indices, record_id = job
-            return decode_frames(info, indices, transform, record_id, threads=codec_threads)
-
-        frames = dict(zip(wanted, map_threads(decode, jobs, threads)))
-
-        # 4. normalise into the output batch
-        table = _normalisation_table(settings)
-        size = settings["size"]
-        pixel_values = np.empty((len(videos), settings["num_frames"], 3, size.height, size.width), np.float32)
-        for sample, ((_, paths), sample_picks) in enumerate(zip(selected, picks)):
-            for position, (clip, index) in enumerate(sample_picks):
-                rgb = frames[paths[clip]][index]
-                for channel in range(3):
-                    np.take(table[channel], rgb[..., channel], out=pixel_values[sample, position, channel])
+        # 3. decode and resize the picked frames; 4. normalise them into the output batch
+        picked_paths = [[(paths[clip], index) for clip, index in sample_picks]
+                        for (_, paths), sample_picks in zip(selected, picks)]
+        frames = self._decode_picked(picked_paths, info_of, first_user, settings, threads)
+        pixel_values = _normalised_batch(picked_paths, frames, settings)
 
         data = {"pixel_values_videos": torch.from_numpy(pixel_values) if return_tensors == "pt" else pixel_values}
         if return_frame_indices:
@@ -177,6 +159,30 @@ class MultimoodVideoProcessor(BaseVideoProcessor):
                 for (offset, _), sample_picks in zip(selected, picks)
             ]
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["frame_indices"])
+
+    def _decode_picked(
+        self,
+        picked_paths: list[list[tuple[Path, int]]],
+        info_of: dict[Path, ClipInfo],
+        first_user: dict[Path, object],
+        settings: dict,
+        threads: int,
+    ) -> dict[Path, dict[int, np.ndarray]]:
+        """Frame index -> resized RGB frame per clip: one decoding job per distinct clip, with the picks of all
+        samples together, so a clip shared by several samples is read once."""
+        wanted: dict[Path, set[int]] = {}
+        for sample_picks in picked_paths:
+            for path, index in sample_picks:
+                wanted.setdefault(path, set()).add(index)
+        jobs = [(info_of[path], sorted(indices), first_user[path]) for path, indices in wanted.items()]
+        transform = self._frame_transform(settings)
+        codec_threads = max(1, threads // max(1, len(jobs)))
+
+        def decode(job: tuple) -> dict[int, np.ndarray]:
+            info, indices, record_id = job
+            return decode_frames(info, indices, transform, record_id, threads=codec_threads)
+
+        return dict(zip(wanted, map_threads(decode, jobs, threads)))
 
     def num_video_tokens(
         self, num_frames: int | None = None, height: int | None = None, width: int | None = None
@@ -274,6 +280,21 @@ def _normalisation_table(settings: dict) -> np.ndarray:
     mean = np.asarray(settings["image_mean"], np.float32)[:, None]
     std = np.asarray(settings["image_std"], np.float32)[:, None]
     return (levels[None, :] - mean) / std
+
+
+def _normalised_batch(picked_paths: list[list[tuple[Path, int]]], frames: dict[Path, dict[int, np.ndarray]],
+                      settings: dict) -> np.ndarray:
+    """(num_samples, num_frames, 3, height, width) float32: each picked uint8 frame through the normalisation
+    table (rescale, mean and std in one lookup)."""
+    table = _normalisation_table(settings)
+    size = settings["size"]
+    pixel_values = np.empty((len(picked_paths), settings["num_frames"], 3, size.height, size.width), np.float32)
+    for sample, sample_picks in enumerate(picked_paths):
+        for position, (path, index) in enumerate(sample_picks):
+            rgb = frames[path][index]
+            for channel in range(3):
+                np.take(table[channel], rgb[..., channel], out=pixel_values[sample, position, channel])
+    return pixel_values
 
 
 def _pad_and_resize(image: Image.Image, width: int, height: int, fill: tuple[int, ...]) -> Image.Image:

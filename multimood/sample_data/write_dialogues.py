@@ -29,7 +29,8 @@ TOPICS = [
         "problem_type": "job crisis", "situation": "My new manager criticises everything I do.",
         "who": "my manager", "about": "work",
         "events": {
-            "anger": ["my manager shouted at me in front of the whole team", "my manager blamed me for his own mistake"],
+            "anger": ["my manager shouted at me in front of the whole team",
+                      "my manager blamed me for his own mistake"],
             "fear": ["I might lose my job next month", "the company is cutting half of the team"],
             "sadness": ["my closest colleague left the company", "nobody noticed how hard I worked this year"],
             "depression": ["I can't face going to the office any more", "I lie in bed all weekend after work"],
@@ -55,7 +56,8 @@ TOPICS = [
         "problem_type": "breakups or divorce", "situation": "My partner left me after six years.",
         "who": "my partner", "about": "the breakup",
         "events": {
-            "anger": ["my partner moved in with someone else a week later", "my partner kept the flat we bought together"],
+            "anger": ["my partner moved in with someone else a week later",
+                      "my partner kept the flat we bought together"],
             "fear": ["I will be alone for the rest of my life", "I won't be able to pay the rent alone"],
             "sadness": ["I found our old photos in a drawer", "our anniversary was on Saturday"],
             "depression": ["I stopped eating properly since the breakup", "I haven't left the house in days"],
@@ -73,7 +75,8 @@ TOPICS = [
             "sadness": ["my best friend dropped out of the course", "I got the lowest mark in the class"],
             "depression": ["I stopped going to lectures weeks ago", "studying feels completely pointless now"],
             "joy": ["I passed the mock exam with a good mark", "my tutor praised my thesis"],
-            "disgust": ["a classmate copied my work and got a better mark", "my tutor mocks students who ask questions"],
+            "disgust": ["a classmate copied my work and got a better mark",
+                        "my tutor mocks students who ask questions"],
             "neutral": ["I study in the library most days", "the exams start on the twelfth"],
         },
     },
@@ -133,16 +136,21 @@ TOPICS = [
 
 # How the client says an event with each emotion ({e}: the event clause).
 CLIENT_CUES = {
-    "anger": ["I'm so angry. {E}.", "It makes me furious: {e}.", "{E}, and I'm still mad about it.", "I could scream. {E}."],
+    "anger": ["I'm so angry. {E}.", "It makes me furious: {e}.", "{E}, and I'm still mad about it.",
+              "I could scream. {E}."],
     "fear": ["I'm scared that {e}.", "I keep worrying that {e}.", "I'm terrified. What if {e}?", "I'm afraid {e}."],
-    "sadness": ["{E}. I feel so sad.", "I cried all night because {e}.", "It breaks my heart that {e}.", "{E}, and I miss how it was."],
-    "depression": ["I feel empty. {E}.", "Nothing matters anymore. {E}.", "{E}. I'm so tired of everything.", "I feel hopeless, {e}."],
+    "sadness": ["{E}. I feel so sad.", "I cried all night because {e}.", "It breaks my heart that {e}.",
+                "{E}, and I miss how it was."],
+    "depression": ["I feel empty. {E}.", "Nothing matters anymore. {E}.", "{E}. I'm so tired of everything.",
+                   "I feel hopeless, {e}."],
     "joy": ["Good news! {E}.", "I'm really happy: {e}.", "{E}, and I feel great!", "Guess what? {E}!"],
-    "disgust": ["It's disgusting. {E}.", "I'm sick of it: {e}.", "{E}. It makes me feel sick.", "How gross is that? {E}."],
+    "disgust": ["It's disgusting. {E}.", "I'm sick of it: {e}.", "{E}. It makes me feel sick.",
+                "How gross is that? {E}."],
     "neutral": ["{E}.", "Well, {e}.", "So, {e}.", "{E}, that's all."],
 }
 ASKING = ["What should I do?", "How do I deal with this?"]
-FIRST_WORDS = ["Hello. I'm not sure where to start.", "Hi. This is my first time here.", "Good morning. Where do I begin?"]
+FIRST_WORDS = ["Hello. I'm not sure where to start.", "Hi. This is my first time here.",
+               "Good morning. Where do I begin?"]
 
 # The therapist's strategies after each client emotion, as (strategy, weight).
 STRATEGIES = {
@@ -172,7 +180,8 @@ REPLIES = {
                        "Maybe part of you feels let down by {who}."],
     "advisement": ["Maybe you could talk to {who} about how you feel.",
                    "It might help to write down what you want to say to {who}."],
-    "communication skills": ["I hear you. Take your time, I'm listening.", "That sounds really hard. I'm here with you."],
+    "communication skills": ["I hear you. Take your time, I'm listening.",
+                             "That sounds really hard. I'm here with you."],
     "structuring the therapy": ["Let's use today's session to talk about {about}.",
                                 "We have fifty minutes today. Let's start with {about}."],
     "guiding the pace and depth of the conversation": ["Let's slow down and stay with that feeling for a moment.",
