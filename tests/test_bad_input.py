@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from multimood import MultimoodForConditionalGeneration, cli
-from multimood.data.dataset_builder import convert_esconv, load_dialogues
+from multimood.data.corpora import convert_esconv
+from multimood.data.dataset_builder import load_dialogues
 from multimood.model.pipeline_multimood import save_pipeline_files
 from multimood.model.processing_multimood import MultimoodProcessor
 from tests.model_utils import tiny_config

@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from .dataset_builder import iter_json_items
 from ..model.media import probe_clip, resolve_clip
 from ..model.records import MultimoodError, record_name
+from .record_files import iter_json_items
 
 logger = logging.getLogger(__name__)
 

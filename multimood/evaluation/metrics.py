@@ -48,9 +48,8 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from ..cli import run_command
-from ..data.dataset_builder import iter_json_items
-from ..model.processing_multimood import parse_output
-from ..model.records import MultimoodError
+from ..data.record_files import iter_json_items
+from ..model.records import MultimoodError, parse_output
 
 LABEL_TASKS = ("client_emotion", "therapist_emotion", "strategy")
 FIELDS = LABEL_TASKS + ("response",)

@@ -44,11 +44,10 @@ from typing import Any
 import torch
 
 from ..cli import run_command
-from ..data.dataset_builder import SplitReport, iter_located_records
+from ..data.record_files import SplitReport, iter_located_records
 from ..checkpoints.hub import ModelFolderError, check_model_folder
 from ..model.pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
-from ..model.processing_multimood import PROMPT_STYLES
-from ..model.records import TARGET_FIELDS, MultimoodError, MultimoodRecordError
+from ..model.records import PROMPT_STYLES, TARGET_FIELDS, MultimoodError, MultimoodRecordError
 
 
 def build_parser() -> argparse.ArgumentParser:

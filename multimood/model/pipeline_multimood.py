@@ -12,8 +12,8 @@ Each answer is a dict with `client_emotion`, `therapist_emotion`, `strategy`, `r
 `generated_text` (the decoded answer). Inputs are records of the dialogue JSONL schema
 (`utt_user_most_recent`, `path_to_vid_user_most_recent`, `history_chat`, `situation`, `problem_type`, ...;
 clip names are resolved against `video_folder`) or the simple form (`utterance` str or list, `videos`,
-`history` as `{"role", "content"}` messages or `"Client: ..."` / `"Therapist: ..."` strings,
-`situation`, `problem_type`); a plain string is an utterance.
+`history` as `{"role", "content"}` messages, `"Client: ..."` / `"Therapist: ..."` strings or `(speaker,
+text)` pairs, `situation`, `problem_type`); a plain string is an utterance.
 
 Constrained decoding (on by default): the three label lines are forced, token by token, to
 `<line prefix><one label of the processor's label set>` followed by the `Response:` prefix; the
@@ -66,7 +66,6 @@ CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline_multimood.EmotionalSupportPipeline", "pt": ["AutoModelForCausalLM"], "type": "multimodal"}
 }
 SIMPLE_FORM_KEYS = ("utterance", "videos", "history", "situation", "problem_type", "Dialogue_ID")
-_SPEAKER_ROLE = {"client": "user", "user": "user", "therapist": "assistant", "assistant": "assistant"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,18 +318,12 @@ def _as_list(value: Any, name: str) -> list:
     raise TypeError(f"`{name}` must be a str or a list, got {type(value).__name__}")
 
 
-def _history_message(message: Any, index: int) -> Any:
-    if isinstance(message, (list, tuple)) and len(message) == 2:  # (speaker, text)
-        speaker, text = message
-        role = _SPEAKER_ROLE.get(str(speaker).lower())
-        if role is None:
-            raise ValueError(f"history item {index}: unknown speaker {speaker!r} (client/therapist/user/assistant)")
-        return {"role": role, "content": text}
-    return message  # {"role", "content"} dicts and "Client: ..." strings are the record schema already
-
-
 def to_record(item: Any) -> dict:
-    """A record of the dialogue JSONL schema from a record, the simple form or an utterance string."""
+    """A record of the dialogue JSONL schema from a record, the simple form or an utterance string.
+
+    The simple form's `history` goes in as given: the processor reads it (`{"role", "content"}` messages,
+    `"Client: ..."` / `"Therapist: ..."` strings, `(speaker, text)` pairs) and names a bad message.
+    """
     if isinstance(item, str):
         item = {"utterance": item}
     if not isinstance(item, dict):
@@ -349,11 +342,8 @@ def to_record(item: Any) -> dict:
     videos = _as_list(item.get("videos"), "videos")
     if videos:
         record["path_to_vid_user_most_recent"] = videos
-    history = item.get("history")
-    if history:
-        if isinstance(history, str):
-            history = [history]
-        record["history_chat"] = [_history_message(m, i) for i, m in enumerate(history)]
+    if item.get("history"):
+        record["history_chat"] = item["history"]
     for key in ("situation", "problem_type", "Dialogue_ID"):
         if item.get(key) is not None:
             record[key] = item[key]
@@ -516,7 +506,11 @@ class EmotionalSupportPipeline(Pipeline):
     # ------------------------------------------------------------------ steps
 
     def preprocess(
-        self, inputs, video_folder: str | None = None, processor_kwargs: dict | None = None, prompt_style: str | None = None
+        self,
+        inputs,
+        video_folder: str | None = None,
+        processor_kwargs: dict | None = None,
+        prompt_style: str | None = None,
     ):
         """A batch of inputs (a list, or one input) -> the processor's left-padded model inputs."""
         items = inputs if isinstance(inputs, list) else [inputs]
