@@ -33,7 +33,7 @@ from multimood.model.pipeline_multimood import (
     to_record,
 )
 from multimood.model.processing_multimood import MultimoodProcessor
-from multimood.model.records import MultimoodError, validate_record
+from multimood.model.records import MultimoodError
 from multimood.training import quickstart
 from tests.model_utils import tiny_config
 
@@ -194,25 +194,18 @@ def test_logits_processor_masks_constrained_rows_only():
 
 
 def test_to_record_simple_form():
-    history = [("client", "Hi."), "Therapist: Hello.", {"role": "user", "content": "Bye."}]
-    record = to_record({"utterance": "I can't sleep.", "videos": "a.mp4", "history": history,
+    record = to_record({"utterance": "I can't sleep.", "videos": "a.mp4",
+                        "history": [("client", "Hi."), "Therapist: Hello."],
                         "situation": "Work stress", "problem_type": "job crisis"})
     assert record == {
         "utt_user_most_recent": ["I can't sleep."],
         "path_to_vid_user_most_recent": ["a.mp4"],
-        "history_chat": history,
+        "history_chat": [{"role": "user", "content": "Hi."}, "Therapist: Hello."],
         "situation": "Work stress",
         "problem_type": "job crisis",
     }
-    # the processor's check reads every history form the simple form allows
-    assert validate_record(record, require_targets=False, strict=False)["history_chat"] == [
-        {"role": "user", "content": "Hi."},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye."},
-    ]
-    with pytest.raises(MultimoodError, match="history_chat' message 0 has speaker 'bot'"):
-        validate_record(to_record({"utterance": "x", "history": [("bot", "Hi.")]}), require_targets=False,
-                        strict=False)
+    with pytest.raises(ValueError, match="history item 1: unknown speaker 'bot'"):
+        to_record({"utterance": "x", "history": [("Therapist", "Hi."), ("bot", "Hello.")]})
     assert to_record("Hello") == {"utt_user_most_recent": ["Hello"]}
     with pytest.raises(ValueError, match="unknown simple-form keys"):
         to_record({"utterance": "x", "video": "a.mp4"})
@@ -381,6 +374,13 @@ def test_dtype_and_device_as_in_transformers(built, records, video_folder):
     _assert_labels_valid(answer, built[1])
     mapped = pipeline(TASK, model=str(folder), trust_remote_code=True, device_map="cpu")
     assert mapped.model.device.type == "cpu"
+
+
+def test_save_pipeline_files_copies_the_code_the_pipeline_imports(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_pipeline_files(tmp_path)
+    assert {"pipeline_multimood.py", "records.py"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["custom_pipelines"] == CUSTOM_PIPELINES
 
 
 def test_pipe_save_pretrained(pipe, records, video_folder, tmp_path):

@@ -32,12 +32,13 @@ Generation parameters (`max_new_tokens`, `do_sample`, `num_beams`, `generation_c
 `logits_processor`...) pass through to `generate`; `device`, `dtype` and `device_map` behave as in
 transformers.
 
-Saving: `save_pipeline_files(folder)` copies this file into a saved model folder and declares the
-task in its `config.json` (`custom_pipelines`), after which `pipeline("emotional-support",
-model=folder, trust_remote_code=True)` works in a process that never imported `multimood`.
+Saving: `save_pipeline_files(folder)` copies this file (and `records.py`, which it imports) into a saved
+model folder and declares the task in its `config.json` (`custom_pipelines`), after which
+`pipeline("emotional-support", model=folder, trust_remote_code=True)` works in a process that never
+imported `multimood`.
 `pipe.save_pretrained(folder)` saves model, processor and this file together.
 
-This file is Hub remote code: it imports only torch and public transformers API (no sibling needed).
+This file is Hub remote code: it imports only torch, public transformers API and its sibling `records`.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import GenerationConfig
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
+
+from .records import speaker_role
 
 logger = logging.get_logger(__name__)
 
@@ -318,12 +322,20 @@ def _as_list(value: Any, name: str) -> list:
     raise TypeError(f"`{name}` must be a str or a list, got {type(value).__name__}")
 
 
-def to_record(item: Any) -> dict:
-    """A record of the dialogue JSONL schema from a record, the simple form or an utterance string.
+def _history_message(message: Any, index: int) -> Any:
+    """A simple-form history item as a record message: a `(speaker, text)` pair becomes `{"role", "content"}`;
+    messages and `"Client: ..."` strings are the record schema already (the processor reads and checks them)."""
+    if isinstance(message, (list, tuple)) and len(message) == 2:
+        speaker, text = message
+        role = speaker_role(speaker)
+        if role is None:
+            raise ValueError(f"history item {index}: unknown speaker {speaker!r} (client/therapist/user/assistant)")
+        return {"role": role, "content": text}
+    return message
 
-    The simple form's `history` goes in as given: the processor reads it (`{"role", "content"}` messages,
-    `"Client: ..."` / `"Therapist: ..."` strings, `(speaker, text)` pairs) and names a bad message.
-    """
+
+def to_record(item: Any) -> dict:
+    """A record of the dialogue JSONL schema from a record, the simple form or an utterance string."""
     if isinstance(item, str):
         item = {"utterance": item}
     if not isinstance(item, dict):
@@ -342,8 +354,11 @@ def to_record(item: Any) -> dict:
     videos = _as_list(item.get("videos"), "videos")
     if videos:
         record["path_to_vid_user_most_recent"] = videos
-    if item.get("history"):
-        record["history_chat"] = item["history"]
+    history = item.get("history")
+    if history:
+        if isinstance(history, str):
+            history = [history]
+        record["history_chat"] = [_history_message(m, i) for i, m in enumerate(history)]
     for key in ("situation", "problem_type", "Dialogue_ID"):
         if item.get(key) is not None:
             record[key] = item[key]
@@ -722,24 +737,25 @@ def add_custom_pipeline_to_config(config) -> None:
 def save_pipeline_files(save_directory: str | os.PathLike) -> str:
     """Make a saved model folder loadable with `pipeline("emotional-support", model=folder, trust_remote_code=True)`.
 
-    Copies this file into the folder as `pipeline_multimood.py` and adds `custom_pipelines` to its
-    `config.json` (which must exist: call it after `model.save_pretrained(folder)`). Idempotent.
-    Returns the path of the copied file.
+    Copies this file into the folder as `pipeline_multimood.py` (with the sibling files it imports) and adds
+    `custom_pipelines` to its `config.json` (which must exist: call it after `model.save_pretrained(folder)`).
+    Idempotent. Returns the path of the copied pipeline file.
     """
     folder = os.fspath(save_directory)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist: save the model before the pipeline files")
-    target = os.path.join(folder, "pipeline_multimood.py")
     source = os.path.abspath(__file__)
-    if not (os.path.exists(target) and os.path.samefile(source, target)):
-        shutil.copyfile(source, target)
+    for code_file in [source, *get_relative_import_files(source)]:
+        target = os.path.join(folder, os.path.basename(code_file))
+        if not (os.path.exists(target) and os.path.samefile(code_file, target)):
+            shutil.copyfile(code_file, target)
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     add_custom_pipeline_to_config(config)
     with open(config_path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return target
+    return os.path.join(folder, "pipeline_multimood.py")
 
 
 register_pipeline()

@@ -2,7 +2,9 @@
 
 `MultimoodProcessor` bundles the video processor (SigLIP frames of up to `num_k_vid` client clips),
 the feature extractor (BEATs filterbank of the same clips' audio) and the Qwen2 tokenizer, and owns
-the single prompt builder that training, inference and evaluation share.
+the single prompt builder that training, inference and evaluation share. What belongs to the record
+itself (its schema and validation, the label sets, reading the chat history, the answer format and its
+parser) is in `records.py`; this file builds prompts, expands placeholders, truncates and pads.
 
 Prompt (rendered with the processor's chat template, ChatML by default)::
 

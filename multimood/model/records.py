@@ -30,10 +30,9 @@ the label sets, and returns it in the canonical form:
   naming the field and the labels. `Emotion` may be null (a corpus without the therapist's emotion,
   such as ESConv) unless targets are required and labels are checked: a training target needs it.
 
-`strict=True` is the file schema (`Dialogue_ID` required, list fields must be lists, history messages are
-objects or strings); `strict=False` also accepts the conveniences of Python callers (a string for a list
-field, no `Dialogue_ID`, `(speaker, text)` history pairs). Both apply the same rules otherwise, so a record
-that validates also trains.
+`strict=True` is the file schema (`Dialogue_ID` required, list fields must be lists); `strict=False` also
+accepts the conveniences of Python callers (a string for a list field, no `Dialogue_ID`). Both apply the
+same rules otherwise, so a record that validates also trains.
 
 The answer (`format_answer`) is four lines: `Client emotion: ...`, `Therapist emotion: ...`, `Strategy:
 ...`, `Response: ...`, or, under a published prompt style, the published `Client's emotion: ... \\n` lines
@@ -200,8 +199,7 @@ def normalize_history(value: Any, where: str = "record", strict: bool = False) -
 
     Accepts `{"role", "content"}` objects (roles `user`/`client`, `assistant`/`therapist`, any case) and
     strings, optionally prefixed `Client: ` / `Therapist: `; an unprefixed string is spoken by the other
-    speaker than the message before it (the first one by the client). `strict=False` also accepts one string
-    and `(speaker, text)` pairs (speaker named as a role).
+    speaker than the message before it (the first one by the client). `strict=False` also accepts one string.
     """
 
     def fail(problem: str):
@@ -220,13 +218,8 @@ def normalize_history(value: Any, where: str = "record", strict: bool = False) -
         elif isinstance(message, str):
             role, content = split_speaker_prefix(message)
             role = role or ("user" if previous == "assistant" else "assistant")
-        elif isinstance(message, (list, tuple)) and len(message) == 2 and not strict:
-            role, content = speaker_role(message[0]), message[1]
-            if role is None:
-                fail(f"message {i} has speaker {message[0]!r}, expected client/therapist (or user/assistant)")
         else:
-            pair = "" if strict else ", a string or a (speaker, text) pair"
-            fail(f"message {i} must be an object{pair or ' or a string'}, got {_type_name(message)}")
+            fail(f"message {i} must be an object or a string, got {_type_name(message)}")
         if not isinstance(content, str):
             fail(f"message {i} content must be a string, got {_type_name(content)}")
         previous = role
