@@ -208,7 +208,7 @@ def load_dialogues(
     glob patterns are allowed. Relative paths are resolved against `base_dir` when given, else the
     current working directory, once, when this is called; each record keeps its clip paths relative
     (they are resolved against the video folder by the processor). The result is cached under
-    `cache_dir` (default: the datasets cache) and rebuilt when a file or this module changes.
+    `cache_dir` (default: the datasets cache) and rebuilt when a file or the code reading records changes.
     `return_report=True` also returns the records read and skipped per split (they are logged too).
     `label_set` (`"mesc"`, `"esconv"`): the targets must name its labels (see the module doc).
     """

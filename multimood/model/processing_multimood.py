@@ -293,6 +293,11 @@ def format_target(
 # ----------------------------------------------------------------------------------------------
 
 
+def _chat_messages(turns: Sequence[tuple[str, str]]) -> list[dict]:
+    """`(role, text)` history turns as chat messages (text neutralised)."""
+    return [{"role": role, "content": _neutralise(text)} for role, text in turns]
+
+
 def group_exchanges(turns: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     """`(role, text)` turns grouped into exchanges: a client turn and the therapist turn answering it (see
     module doc)."""
@@ -654,12 +659,9 @@ class MultimoodProcessor(ProcessorMixin):
             return self._published_messages(
                 sample, units, include_video, include_audio, include_history, with_target, style
             )
-        exchanges = units
         record = sample.record
-        messages: list[dict] = [{"role": "system", "content": self.system_prompt}]
-        for exchange in exchanges:
-            for role, text in exchange:
-                messages.append({"role": role, "content": _neutralise(text)})
+        turns = [turn for exchange in units for turn in exchange]
+        messages = [{"role": "system", "content": self.system_prompt}, *_chat_messages(turns)]
         parts: list[dict] = []
 
         def text(value: str):
@@ -699,10 +701,7 @@ class MultimoodProcessor(ProcessorMixin):
         turns = [turn for unit in units for turn in unit]
         if turns and turns[0][0] == "assistant":  # published training drops a leading assistant message
             turns = turns[1:]
-        messages: list[dict] = [{"role": "system", "content": system}]
-        messages += [
-            {"role": role, "content": _neutralise(text)} for role, text in turns
-        ]
+        messages = [{"role": "system", "content": system}, *_chat_messages(turns)]
         fields = {
             "problem_type": _neutralise(" ".join((record.get("problem_type") or "").split())),
             "situation": _neutralise(" ".join((record.get("situation") or "").split())),
