@@ -9,6 +9,7 @@ says how many and why) instead of failing them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def strict_mode() -> bool:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: heavier tests (full-size media, subprocesses); deselect with -m 'not slow'")
+    config.addinivalue_line(
+        "markers", "slow: heavier tests (full-size media, subprocesses); deselect with -m 'not slow'"
+    )
 
 
 def pytest_report_header(config):
@@ -41,7 +44,9 @@ def pytest_collection_modifyitems(config, items):
     if gpu:
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
         config.hook.pytest_deselected(items=gpu)
-        config.get_terminal_writer().line(f"multimood strict mode: {len(gpu)} gpu tests deselected (CUDA is not available)")
+        config.get_terminal_writer().line(
+            f"multimood strict mode: {len(gpu)} gpu tests deselected (CUDA is not available)"
+        )
 
 
 def _as_failure(report, where: str) -> None:
@@ -73,3 +78,16 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real test data not found at {path} (set MULTIMOOD_TEST_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def video_folder(shared_data) -> str:
+    """The folder of the real clips."""
+    return str(shared_data / "media" / "video")
+
+
+@pytest.fixture(scope="module")
+def records(shared_data) -> list[dict]:
+    """The 445 real MESC validation records as read from the file (a fresh list for each test module)."""
+    with open(shared_data / "records" / "mesc_val_records.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]

@@ -27,7 +27,8 @@ from transformers import pipeline
 
 from multimood import MultimoodForConditionalGeneration, cli
 from multimood.apps import demo
-from multimood.data.dataset_builder import convert_esconv, load_dialogues
+from multimood.data.corpora import convert_esconv
+from multimood.data.dataset_builder import load_dialogues
 from multimood.model.pipeline_multimood import save_pipeline_files
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.training.grpo import make_grpo_dataset

@@ -14,7 +14,7 @@ import torch
 
 from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
 from multimood.training import rewards as R
-from multimood.model.processing_multimood import format_answer
+from multimood.model.records import format_answer
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from multimood.data.dataset_builder import (
-    MULTIMOOD_FEATURES,
-    InvalidRecordError,
-    MultimoodDialogueBuilder,
-    convert_esconv,
-    convert_mesc,
-    iter_records,
-    load_dialogues,
-    main,
-    normalize_record,
-    write_jsonl,
-)
+from multimood.data.corpora import convert_esconv, convert_mesc
+from multimood.data.dataset_builder import MULTIMOOD_FEATURES, MultimoodDialogueBuilder, load_dialogues, main
+from multimood.data.record_files import InvalidRecordError, iter_records, write_jsonl
+from multimood.model.records import validate_record
 
 MESC_EMOTIONS = {"anger", "sadness", "disgust", "depression", "neutral", "joy", "fear"}
 MESC_STRATEGIES = {
@@ -124,7 +116,7 @@ def test_seed_form_and_mixed_splits(records_file, seed_file, tmp_path):
 
 
 def test_history_strings_are_normalised():
-    record = normalize_record(
+    record = validate_record(
         {
             "Dialogue_ID": 3,
             "utt_user_most_recent": ["now"],
@@ -199,7 +191,7 @@ def test_skip_invalid_counts_and_report(good_record, tmp_path, caplog):
     second = _write_lines(tmp_path / "b.jsonl", [no_strategy, valid, json.dumps({**good_record, "Utterance": 5})])
     files = {"train": [first, second], "test": [second]}
 
-    with caplog.at_level(logging.WARNING, logger="multimood.data.dataset_builder"):
+    with caplog.at_level(logging.WARNING, logger="multimood.data"):
         dataset, report = load_dialogues(files, cache_dir=tmp_path / "cache", skip_invalid=True, return_report=True)
     assert dataset["train"].num_rows == 3 and dataset["test"].num_rows == 1
     assert (report["train"].read, report["train"].skipped, report["train"].kept) == (6, 3, 3)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from multimood.training import rewards as R
-from multimood.model.processing_multimood import format_answer
+from multimood.model.records import format_answer
 from tests.bge_m3_utils import write_tiny_bge_m3
 
 GOLD = {

@@ -21,18 +21,20 @@ from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from multimood import MultimoodForConditionalGeneration
+from multimood.evaluation.predict import predict_main
 from multimood.model.pipeline_multimood import (
     CUSTOM_PIPELINES,
     TASK,
     AnswerConstraint,
+    AnswerFormatLogitsProcessor,
     EmotionalSupportPipeline,
     answer_segments,
     save_pipeline_files,
     to_record,
 )
-from multimood.evaluation.predict import predict_main
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.model.records import MultimoodError
+from multimood.training import quickstart
 from tests.model_utils import tiny_config
 
 # Small media (2 audio windows of 4 s, 2 clips) and a wider initialisation so that a random model's answers
@@ -55,14 +57,9 @@ def _match_processor(processor, config) -> None:
 
 
 @pytest.fixture(scope="module")
-def video_folder(shared_data) -> str:
-    return str(shared_data / "media" / "video")
-
-
-@pytest.fixture(scope="module")
-def records(shared_data) -> list[dict]:
-    lines = (shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[:6]
-    recs = [json.loads(line) for line in lines]
+def records(records) -> list[dict]:
+    """The first 6 real records (conftest's `records`), the third without clips."""
+    recs = copy.deepcopy(records[:6])
     recs[2] = {k: v for k, v in recs[2].items() if k != "path_to_vid_user_most_recent"}  # text only
     assert not recs[4]["history_chat"]  # one record without history
     return recs
@@ -170,7 +167,7 @@ def test_constraint_walk_and_sequence_log_probs_with_a_label_that_extends_anothe
     logits = torch.randn(2, 4, 6)
     logits[1, :3] = logits[0, :3]  # both sequences read the same context up to "1 2"
     expected = []
-    for k, sequence in enumerate([[1, 2], [1, 2, 3]]):
+    for k in range(2):  # the sequences [1, 2] and [1, 2, 3]
         # by hand: the allowed sets are {1}, {2}, then {3, 4} after "1 2", then {4} after "1 2 3"
         total = 0.0
         total += logits[k, 1, [2]].log_softmax(-1)[0]  # token 2 after token 1 (token 1 is forced)
@@ -182,8 +179,6 @@ def test_constraint_walk_and_sequence_log_probs_with_a_label_that_extends_anothe
 
 
 def test_logits_processor_masks_constrained_rows_only():
-    from multimood.model.pipeline_multimood import AnswerFormatLogitsProcessor
-
     constraint = AnswerConstraint([[[1, 2], [1, 3]], [[4]]])
     processor = AnswerFormatLogitsProcessor(constraint, prompt_length=2)
     input_ids = torch.tensor([[9, 9, 1], [9, 9, 7]])  # row 0 is inside the labels, row 1 left them
@@ -209,6 +204,8 @@ def test_to_record_simple_form():
         "situation": "Work stress",
         "problem_type": "job crisis",
     }
+    with pytest.raises(ValueError, match="history item 1: unknown speaker 'bot'"):
+        to_record({"utterance": "x", "history": [("Therapist", "Hi."), ("bot", "Hello.")]})
     assert to_record("Hello") == {"utt_user_most_recent": ["Hello"]}
     with pytest.raises(ValueError, match="unknown simple-form keys"):
         to_record({"utterance": "x", "video": "a.mp4"})
@@ -300,8 +297,6 @@ def test_generation_kwargs_pass_through(pipe, records, video_folder):
 def test_label_scores_are_the_constrained_probabilities(pipe, records, video_folder, built):
     """Each label line's scores equal the product of the constrained next-token probabilities of its tokens,
     computed here without the cache: one full forward per candidate through AnswerFormatLogitsProcessor."""
-    from multimood.model.pipeline_multimood import AnswerFormatLogitsProcessor
-
     model, processor, _ = built
     tokenizer = processor.tokenizer
     answer = pipe(records[0], video_folder=video_folder, max_new_tokens=MAX_NEW, return_label_scores=True)
@@ -325,7 +320,8 @@ def test_label_scores_are_the_constrained_probabilities(pipe, records, video_fol
             first = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
             total = 0.0
             for position in range(prompt_length + first, ids.shape[1]):
-                masked = AnswerFormatLogitsProcessor(constraint, prompt_length)(ids[:, :position], logits[:, position - 1])
+                step = AnswerFormatLogitsProcessor(constraint, prompt_length)
+                masked = step(ids[:, :position], logits[:, position - 1])
                 total += float(masked.log_softmax(-1)[0, ids[0, position]])
             log_probs.append(total)
         expected = torch.tensor(log_probs).softmax(-1)
@@ -378,6 +374,13 @@ def test_dtype_and_device_as_in_transformers(built, records, video_folder):
     _assert_labels_valid(answer, built[1])
     mapped = pipeline(TASK, model=str(folder), trust_remote_code=True, device_map="cpu")
     assert mapped.model.device.type == "cpu"
+
+
+def test_save_pipeline_files_copies_the_code_the_pipeline_imports(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_pipeline_files(tmp_path)
+    assert {"pipeline_multimood.py", "records.py"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["custom_pipelines"] == CUSTOM_PIPELINES
 
 
 def test_pipe_save_pretrained(pipe, records, video_folder, tmp_path):
@@ -476,7 +479,8 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
     data.write_text("".join(json.dumps(r) + "\n" for r in (records[0], broken, records[2])))
     args = ["--model", str(folder), "--data", str(data), "--video_folder", video_folder,
             "--output", str(tmp_path / "preds.jsonl"), "--batch_size", "3", "--max_new_tokens", "24", "--quiet"]
-    with pytest.raises(MultimoodError, match=f"{data} line 2 \\(record 1, Dialogue_ID=.*missing_clip.mp4.*--skip_errors"):
+    message = f"{data} line 2 \\(record 1, Dialogue_ID=.*missing_clip.mp4.*--skip_errors"
+    with pytest.raises(MultimoodError, match=message):
         predict_main(args)
     assert predict_main(args + ["--skip_errors"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "preds.jsonl").read_text().splitlines()]
@@ -495,8 +499,6 @@ def test_predict_cli_skip_errors(built, records, video_folder, tmp_path, capsys)
 def test_pipeline_on_a_quickstart_model(tmp_path, shared_data, video_folder):
     """The quickstart's trained tiny model (its own small BPE tokenizer): constrained labels are valid,
     batched answers equal one-at-a-time ones, and the longest real MESC val records fit its saved prompt budget."""
-    from multimood.training import quickstart
-
     folder, data = tmp_path / "model", tmp_path / "data"
     quickstart.run(quickstart.build_parser().parse_args(
         ["--output_dir", str(folder), "--data_dir", str(data), "--max_steps", "20"]))
@@ -542,7 +544,8 @@ def test_prompt_style_in_pipeline_and_predict(pipe, built, records, video_folder
     output = tmp_path / "preds.jsonl"
     # a published style decodes freely by default (the published evaluation); --constrained as the pipeline call above
     assert predict_main(["--model", str(folder), "--data", str(data), "--video_folder", video_folder, "--output",
-                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--constrained", "--quiet"]) == 0
+                         str(output), "--max_new_tokens", "48", "--prompt_style", style, "--constrained",
+                         "--quiet"]) == 0
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     for line, record, answer in zip(lines, records, answers):
         assert line["reference"] == processor.format_target(record, prompt_style=style)

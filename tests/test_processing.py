@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from multimood.model.processing_multimood import (
-    ESCONV_STRATEGIES,
     IGNORE_INDEX,
-    MESC_EMOTIONS,
-    MESC_STRATEGIES,
     MultimoodDataCollator,
     MultimoodProcessor,
-    MultimoodRecordError,
     format_target,
+)
+from multimood.model.records import (
+    ESCONV_STRATEGIES,
+    MESC_EMOTIONS,
+    MESC_STRATEGIES,
+    MultimoodRecordError,
     parse_output,
 )
 
@@ -31,17 +33,6 @@ NOAUDIO_CLIP = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"
 @pytest.fixture(scope="module")
 def data(shared_data):
     return shared_data
-
-
-@pytest.fixture(scope="module")
-def video_folder(data):
-    return str(data / "media" / "video")
-
-
-@pytest.fixture(scope="module")
-def records(data):
-    with open(data / "records" / "mesc_val_records.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +78,8 @@ def test_special_tokens(processor, data):
     }
     tok = processor.tokenizer
     assert tok.pad_token == "<|endoftext|>" and processor.pad_token_id == 151643
-    assert tok("<video><audio><history><MEM>", add_special_tokens=False)["input_ids"] == [151646, 151647, 151648, 151649]
+    placeholders = tok("<video><audio><history><MEM>", add_special_tokens=False)["input_ids"]
+    assert placeholders == [151646, 151647, 151648, 151649]
     assert tok.decode([151646, 9707, 151649], skip_special_tokens=True) == "Hello"
     # idempotent: building again from the prepared tokenizer adds nothing
     again = MultimoodProcessor.from_tokenizer(tok)
@@ -110,8 +102,10 @@ def test_prompt_layout(processor, records):
         assert label in user
     assert prompt.count("<video>") == prompt.count("<audio>") == prompt.count("<history>") == 1
     # the history turns (consecutive client messages merged) sit between the system and the user turn
-    assert "<|im_start|>user\nKate and I, we... we just argue nonstop. I think it's beginning to affect my work.<|im_end|>\n" \
-        "<|im_start|>assistant\nWhat do you mean you argue?<|im_end|>" in prompt
+    assert (
+        "<|im_start|>user\nKate and I, we... we just argue nonstop. I think it's beginning to affect my work."
+        "<|im_end|>\n<|im_start|>assistant\nWhat do you mean you argue?<|im_end|>"
+    ) in prompt
     # with target: the same prompt followed by the four-line answer
     full = processor.render_prompt(record, with_target=True)
     assert full == prompt + processor.format_target(record) + "<|im_end|>\n"
@@ -150,7 +144,8 @@ def test_history_forms_are_equivalent(processor, records, data):
     assert isinstance(seed, list) and isinstance(seed[0]["history_chat"][0], str)
     for seed_record in seed:
         record = _record(records, seed_record["Dialogue_ID"])
-        assert processor.render_prompt(seed_record, with_target=True) == processor.render_prompt(record, with_target=True)
+        seed_prompt = processor.render_prompt(seed_record, with_target=True)
+        assert seed_prompt == processor.render_prompt(record, with_target=True)
         assert processor.history_input_ids(seed_record) == processor.history_input_ids(record)
     # unprefixed strings alternate, starting with the client
     plain = _record(records, 5)
@@ -181,7 +176,10 @@ def test_target_and_parse_round_trip(processor, records):
         assert parsed["strategy"] == r["Strategy"] and parsed["therapist_emotion"] == r["Emotion"]
         assert parsed["client_emotion"] == r["get_emotion_user_most_recent"]
     # published spellings, canonical label spelling, missing fields are None (never dropped)
-    published = "Client's emotion: Anger \nTherapist's emotion: neutral \nTherapist's strategy: Open Question \nTherapist's response: Why?"
+    published = (
+        "Client's emotion: Anger \nTherapist's emotion: neutral \nTherapist's strategy: Open Question \n"
+        "Therapist's response: Why?"
+    )
     assert processor.parse_output(published) == {
         "client_emotion": "anger", "therapist_emotion": "neutral", "strategy": "open question", "response": "Why?",
     }
@@ -189,7 +187,8 @@ def test_target_and_parse_round_trip(processor, records):
         "client_emotion": "joy", "therapist_emotion": None, "strategy": None, "response": None,
     }
     assert parse_output("") == dict.fromkeys(("client_emotion", "therapist_emotion", "strategy", "response"))
-    assert parse_output("Strategy: others\nResponse: line one\nline two<|im_end|>junk")["response"] == "line one\nline two"
+    parsed = parse_output("Strategy: others\nResponse: line one\nline two<|im_end|>junk")
+    assert parsed["response"] == "line one\nline two"
 
 
 def test_post_process_output(processor, records):
@@ -272,7 +271,9 @@ def test_history_placeholders_match_mem_tokens(processor, records, video_folder)
     no_history = _text_only(_record(records, 48))
     no_history["history_chat"] = []
     mamba = _text_only(_record(records, 6))
-    mamba["history_chat_mamba"] = "usr She says I don't love her. <MEM> sys What do you mean? <MEM> usr Her, us, it. <MEM> "
+    mamba["history_chat_mamba"] = (
+        "usr She says I don't love her. <MEM> sys What do you mean? <MEM> usr Her, us, it. <MEM> "
+    )
     lines = _text_only(_record(records, 5))
     lines["history_chat_mamba"] = "Client: one\nTherapist: two"
     recs = [_text_only(_record(records, 5)), no_history, mamba, lines]
@@ -421,7 +422,8 @@ def test_label_sets_saved_and_selectable(processor, records, tmp_path):
     assert saved["emotion_labels"] == ["calm", "upset"] and saved["strategy_labels"] == ["listen", "advise"]
     assert saved["k_turn_history"] == 2 and saved["model_max_length"] == 2048 and saved["history_max_tokens"] == 512
     loaded = MultimoodProcessor.from_pretrained(tmp_path)
-    assert (loaded.emotion_labels, loaded.strategy_labels, loaded.k_turn_history) == (["calm", "upset"], ["listen", "advise"], 2)
+    loaded_settings = (loaded.emotion_labels, loaded.strategy_labels, loaded.k_turn_history)
+    assert loaded_settings == (["calm", "upset"], ["listen", "advise"], 2)
     assert loaded.render_prompt(_record(records, 5)) == custom.render_prompt(_record(records, 5))
     default = _variant(processor)
     assert default.label_set == "mesc" and default.strategy_labels == MESC_STRATEGIES
@@ -528,7 +530,9 @@ def _set(field, value):
 
 BAD_RECORDS = {
     "missing utterance": (_drop("utt_user_most_recent"), "utt_user_most_recent", "missing"),
-    "utterance not text": (_set("utt_user_most_recent", 42), "utt_user_most_recent", "must be a list of strings, got int"),
+    "utterance not text": (
+        _set("utt_user_most_recent", 42), "utt_user_most_recent", "must be a list of strings, got int"
+    ),
     "utterance item not text": (_set("utt_user_most_recent", ["ok", None]), "utt_user_most_recent", "item 1"),
     "empty utterance": (_set("utt_user_most_recent", []), "utt_user_most_recent", "empty"),
     "history not a list": (_set("history_chat", 3.5), "history_chat", "must be a list of messages"),
@@ -586,7 +590,9 @@ def test_reserved_tokens_in_text_are_neutralised(processor, records):
 
 
 def test_collator_in_dataloader_workers(processor, records, video_folder):
-    recs = [_record(records, 5), _text_only(_record(records, 6)), _record(records, 48), _text_only(_record(records, 74))]
+    recs = [
+        _record(records, 5), _text_only(_record(records, 6)), _record(records, 48), _text_only(_record(records, 74))
+    ]
     collator = MultimoodDataCollator(processor, video_folder=video_folder, processor_kwargs=SMALL)
     loader = torch.utils.data.DataLoader(recs, batch_size=2, collate_fn=collator, num_workers=1)
     batches = list(loader)

@@ -17,11 +17,9 @@ from transformers import AutoProcessor
 
 from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
 from multimood.model.pipeline_multimood import AnswerConstraint
-from multimood.model.processing_multimood import (
-    IGNORE_INDEX,
-    MultimoodProcessor,
-    parse_output,
-)
+from multimood.model.processing_multimood import IGNORE_INDEX, MultimoodProcessor
+from multimood.model.records import parse_output
+from multimood.training import train as mm_train
 
 PUBLISHED_VIDEO_SENTINEL = -201
 PUBLISHED_MEM_ID = 151646
@@ -38,17 +36,6 @@ def golden(shared_data):
             return [json.loads(line) for line in handle]
 
     return {"train": rows("prompts_train.jsonl"), "eval": rows("prompts_eval.jsonl"), "folder": folder}
-
-
-@pytest.fixture(scope="module")
-def records(shared_data):
-    with open(shared_data / "records" / "mesc_val_records.jsonl", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
-
-
-@pytest.fixture(scope="module")
-def video_folder(shared_data):
-    return str(shared_data / "media" / "video")
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +194,13 @@ def test_published_target_is_the_published_label(processor, golden, records):
 
 def test_answer_constraint_follows_the_prompt_style(processor, golden, records):
     constraint = AnswerConstraint.from_processor(processor, "published-eval")
-    assert constraint.segments[-1] == [processor.tokenizer("Therapist's response:", add_special_tokens=False)["input_ids"]]
+    response_prefix = processor.tokenizer("Therapist's response:", add_special_tokens=False)["input_ids"]
+    assert constraint.segments[-1] == [response_prefix]
     for row in golden["eval"][:10]:
         tokens = processor.tokenizer(row["label"], add_special_tokens=False)["input_ids"]
         assert constraint.state(tokens) == AnswerConstraint.FREE
-        ours = processor.tokenizer(processor.format_target(records[row["index"]]), add_special_tokens=False)["input_ids"]
+        target = processor.format_target(records[row["index"]])
+        ours = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
         assert constraint.state(ours) == AnswerConstraint.INVALID
 
 
@@ -242,8 +231,6 @@ def test_clip_without_audio_gets_the_filterbank_of_silence(processor, shared_dat
 
 
 def test_train_flag_sets_the_processor_prompt_style(shared_data, tmp_path):
-    from multimood.training import train as mm_train
-
     tokenizer = str(shared_data / "tokenizer" / "qwen2")
     flags = ["--tokenizer_path", tokenizer, "--output_dir", str(tmp_path), "--report_to", "none"]
     model_args, data_args, training_args = mm_train.parse_args(flags + ["--prompt_style", "published-train"])

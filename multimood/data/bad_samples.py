@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..model.media import probe_clip, resolve_clip
 from ..model.records import MultimoodError, record_name
-from .dataset_builder import iter_json_items
+from .record_files import iter_json_items
 
 logger = logging.getLogger(__name__)
 

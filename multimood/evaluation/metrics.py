@@ -52,9 +52,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from transformers import AutoConfig, AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
 
 from ..cli import run_command
-from ..data.dataset_builder import iter_json_items
-from ..model.processing_multimood import parse_output
-from ..model.records import MultimoodError
+from ..data.record_files import iter_json_items
+from ..model.records import MultimoodError, parse_output
 
 LABEL_TASKS = ("client_emotion", "therapist_emotion", "strategy")
 FIELDS = LABEL_TASKS + ("response",)

@@ -47,10 +47,9 @@ from transformers import pipeline, set_seed
 
 from ..checkpoints.hub import ModelFolderError, check_model_folder
 from ..cli import run_command
-from ..data.dataset_builder import SplitReport, iter_located_records
+from ..data.record_files import SplitReport, iter_located_records
 from ..model.pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
-from ..model.processing_multimood import PROMPT_STYLES
-from ..model.records import TARGET_FIELDS, MultimoodError, MultimoodRecordError
+from ..model.records import PROMPT_STYLES, TARGET_FIELDS, MultimoodError, MultimoodRecordError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ Each answer is a dict with `client_emotion`, `therapist_emotion`, `strategy`, `r
 `generated_text` (the decoded answer). Inputs are records of the dialogue JSONL schema
 (`utt_user_most_recent`, `path_to_vid_user_most_recent`, `history_chat`, `situation`, `problem_type`, ...;
 clip names are resolved against `video_folder`) or the simple form (`utterance` str or list, `videos`,
-`history` as `{"role", "content"}` messages or `"Client: ..."` / `"Therapist: ..."` strings,
-`situation`, `problem_type`); a plain string is an utterance.
+`history` as `{"role", "content"}` messages, `"Client: ..."` / `"Therapist: ..."` strings or `(speaker,
+text)` pairs, `situation`, `problem_type`); a plain string is an utterance.
 
 Constrained decoding (on by default): the three label lines are forced, token by token, to
 `<line prefix><one label of the processor's label set>` followed by the `Response:` prefix; the
@@ -32,12 +32,13 @@ Generation parameters (`max_new_tokens`, `do_sample`, `num_beams`, `generation_c
 `logits_processor`...) pass through to `generate`; `device`, `dtype` and `device_map` behave as in
 transformers.
 
-Saving: `save_pipeline_files(folder)` copies this file into a saved model folder and declares the
-task in its `config.json` (`custom_pipelines`), after which `pipeline("emotional-support",
-model=folder, trust_remote_code=True)` works in a process that never imported `multimood`.
+Saving: `save_pipeline_files(folder)` copies this file (and `records.py`, which it imports) into a saved
+model folder and declares the task in its `config.json` (`custom_pipelines`), after which
+`pipeline("emotional-support", model=folder, trust_remote_code=True)` works in a process that never
+imported `multimood`.
 `pipe.save_pretrained(folder)` saves model, processor and this file together.
 
-This file is Hub remote code: it imports only torch and public transformers API (no sibling needed).
+This file is Hub remote code: it imports only torch, public transformers API and its sibling `records`.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, Pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.generation import GenerationConfig
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
+
+from .records import speaker_role
 
 logger = logging.get_logger(__name__)
 
@@ -66,7 +70,6 @@ CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline_multimood.EmotionalSupportPipeline", "pt": ["AutoModelForCausalLM"], "type": "multimodal"}
 }
 SIMPLE_FORM_KEYS = ("utterance", "videos", "history", "situation", "problem_type", "Dialogue_ID")
-_SPEAKER_ROLE = {"client": "user", "user": "user", "therapist": "assistant", "assistant": "assistant"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,13 +323,15 @@ def _as_list(value: Any, name: str) -> list:
 
 
 def _history_message(message: Any, index: int) -> Any:
-    if isinstance(message, (list, tuple)) and len(message) == 2:  # (speaker, text)
+    """A simple-form history item as a record message: a `(speaker, text)` pair becomes `{"role", "content"}`;
+    messages and `"Client: ..."` strings are the record schema already (the processor reads and checks them)."""
+    if isinstance(message, (list, tuple)) and len(message) == 2:
         speaker, text = message
-        role = _SPEAKER_ROLE.get(str(speaker).lower())
+        role = speaker_role(speaker)
         if role is None:
             raise ValueError(f"history item {index}: unknown speaker {speaker!r} (client/therapist/user/assistant)")
         return {"role": role, "content": text}
-    return message  # {"role", "content"} dicts and "Client: ..." strings are the record schema already
+    return message
 
 
 def to_record(item: Any) -> dict:
@@ -516,7 +521,11 @@ class EmotionalSupportPipeline(Pipeline):
     # ------------------------------------------------------------------ steps
 
     def preprocess(
-        self, inputs, video_folder: str | None = None, processor_kwargs: dict | None = None, prompt_style: str | None = None
+        self,
+        inputs,
+        video_folder: str | None = None,
+        processor_kwargs: dict | None = None,
+        prompt_style: str | None = None,
     ):
         """A batch of inputs (a list, or one input) -> the processor's left-padded model inputs."""
         items = inputs if isinstance(inputs, list) else [inputs]
@@ -728,24 +737,25 @@ def add_custom_pipeline_to_config(config) -> None:
 def save_pipeline_files(save_directory: str | os.PathLike) -> str:
     """Make a saved model folder loadable with `pipeline("emotional-support", model=folder, trust_remote_code=True)`.
 
-    Copies this file into the folder as `pipeline_multimood.py` and adds `custom_pipelines` to its
-    `config.json` (which must exist: call it after `model.save_pretrained(folder)`). Idempotent.
-    Returns the path of the copied file.
+    Copies this file into the folder as `pipeline_multimood.py` (with the sibling files it imports) and adds
+    `custom_pipelines` to its `config.json` (which must exist: call it after `model.save_pretrained(folder)`).
+    Idempotent. Returns the path of the copied pipeline file.
     """
     folder = os.fspath(save_directory)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist: save the model before the pipeline files")
-    target = os.path.join(folder, "pipeline_multimood.py")
     source = os.path.abspath(__file__)
-    if not (os.path.exists(target) and os.path.samefile(source, target)):
-        shutil.copyfile(source, target)
+    for code_file in [source, *get_relative_import_files(source)]:
+        target = os.path.join(folder, os.path.basename(code_file))
+        if not (os.path.exists(target) and os.path.samefile(code_file, target)):
+            shutil.copyfile(code_file, target)
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     add_custom_pipeline_to_config(config)
     with open(config_path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return target
+    return os.path.join(folder, "pipeline_multimood.py")
 
 
 register_pipeline()

@@ -2,7 +2,9 @@
 
 `MultimoodProcessor` bundles the video processor (SigLIP frames of up to `num_k_vid` client clips),
 the feature extractor (BEATs filterbank of the same clips' audio) and the Qwen2 tokenizer, and owns
-the single prompt builder that training, inference and evaluation share.
+the single prompt builder that training, inference and evaluation share. What belongs to the record
+itself (its schema and validation, the label sets, reading the chat history, the answer format and its
+parser) is in `records.py`; this file builds prompts, expands placeholders, truncates and pads.
 
 Prompt (rendered with the processor's chat template, ChatML by default)::
 
@@ -59,7 +61,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -70,9 +72,20 @@ from transformers.processing_utils import ProcessorMixin
 from .chat_messages import MultimoodChatError, chat_options, conversation_to_record
 from .feature_extraction_multimood import MultimoodFeatureExtractor
 from .records import (
+    ESCONV_EMOTIONS,
+    ESCONV_STRATEGIES,
+    LABEL_SETS,
+    MESC_EMOTIONS,
+    MESC_STRATEGIES,
+    PROMPT_STYLES,
+    PUBLISHED_ANSWER_TEMPLATE,
+    SPEAKER_NAMES,
     MultimoodRecordError,
-    canonical_label,
-    normalize_history,
+    check_prompt_style,
+    format_answer,
+    history_messages,
+    merge_turns,
+    parse_output,
     record_name,
     validate_record,
     validate_targets,
@@ -85,50 +98,6 @@ HISTORY_TOKEN = "<history>"
 MEM_TOKEN = "<MEM>"
 MULTIMOOD_SPECIAL_TOKENS = (VIDEO_TOKEN, AUDIO_TOKEN, HISTORY_TOKEN, MEM_TOKEN)
 IGNORE_INDEX = -100
-
-# Label sets (data, not code). MESC spellings follow the records (lower case).
-MESC_EMOTIONS = ["anger", "sadness", "disgust", "depression", "neutral", "joy", "fear"]
-MESC_STRATEGIES = [
-    "open question",
-    "approval",
-    "self-disclosure",
-    "restatement",
-    "interpretation",
-    "advisement",
-    "communication skills",
-    "structuring the therapy",
-    "guiding the pace and depth of the conversation",
-    "others",
-]
-# ESConv: the 8 supporter strategies as spelled in ESConv's dialog files, and the seekers'
-# `emotion_type` values (ESConv has no per-turn emotion labels of its own).
-ESCONV_STRATEGIES = [
-    "Question",
-    "Restatement or Paraphrasing",
-    "Reflection of feelings",
-    "Self-disclosure",
-    "Affirmation and Reassurance",
-    "Providing Suggestions",
-    "Information",
-    "Others",
-]
-ESCONV_EMOTIONS = [
-    "anxiety",
-    "depression",
-    "sadness",
-    "anger",
-    "fear",
-    "disgust",
-    "shame",
-    "nervousness",
-    "guilt",
-    "jealousy",
-    "pain",
-]
-LABEL_SETS = {
-    "mesc": {"emotion_labels": MESC_EMOTIONS, "strategy_labels": MESC_STRATEGIES},
-    "esconv": {"emotion_labels": ESCONV_EMOTIONS, "strategy_labels": ESCONV_STRATEGIES},
-}
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a supportive, professional counsellor assistant. You follow a counselling session between a "
@@ -167,7 +136,6 @@ DEFAULT_CHAT_TEMPLATE = (
 # quirks included ("response,determine", "categories.Step 3:"), are data, not to be corrected.
 # ----------------------------------------------------------------------------------------------
 
-PROMPT_STYLES = ("multimood", "published-train", "published-eval")
 AUDIO_MISSING_CHOICES = ("silence", "drop")
 
 # Training drops its own system message, so the model trained under Qwen2's default system line.
@@ -275,40 +243,9 @@ PUBLISHED_PROMPTS = {
     "published-train": (PUBLISHED_TRAIN_SYSTEM_PROMPT, PUBLISHED_TRAIN_USER_TEMPLATE),
     "published-eval": (PUBLISHED_EVAL_SYSTEM_PROMPT, PUBLISHED_EVAL_USER_TEMPLATE),
 }
-# The published answer (both published styles): one field per line, each line but the last ending in " ".
-PUBLISHED_ANSWER_TEMPLATE = (
-    "Client's emotion: {client_emotion} \n"
-    "Therapist's emotion: {therapist_emotion} \n"
-    "Therapist's strategy: {strategy} \n"
-    "Therapist's response: {response}"
-)
 # The published compressor input: "{Speaker}{text} <MEM> " per history message, in one string.
 PUBLISHED_MEMORY_ITEM = "{speaker}{text} " + MEM_TOKEN + " "
 
-
-def check_prompt_style(prompt_style: str) -> str:
-    if prompt_style not in PROMPT_STYLES:
-        raise ValueError(f"prompt_style must be one of {list(PROMPT_STYLES)}, got {prompt_style!r}")
-    return prompt_style
-
-
-# Answer lines: (output key, canonical prefix, accepted prefixes, lower case without the colon).
-_ANSWER_FIELDS = (
-    ("client_emotion", "Client emotion", ("client emotion", "client's emotion", "client’s emotion")),
-    ("therapist_emotion", "Therapist emotion", ("therapist emotion", "therapist's emotion", "therapist’s emotion")),
-    ("strategy", "Strategy", ("strategy", "therapist strategy", "therapist's strategy", "therapist’s strategy")),
-    ("response", "Response", ("response", "therapist response", "therapist's response", "therapist’s response")),
-)
-_ANSWER_LINE = re.compile(
-    r"^\s*[*#>\-\s]*(?P<key>"
-    + "|".join(sorted({re.escape(p) for _, _, ps in _ANSWER_FIELDS for p in ps}, key=len, reverse=True))
-    + r")\s*[*]*\s*:\s*(?P<value>.*)$",
-    re.IGNORECASE,
-)
-_PREFIX_TO_KEY = {p: key for key, _, ps in _ANSWER_FIELDS for p in ps}
-_TRAILING_SPECIALS = re.compile(r"(<\|im_end\|>|<\|endoftext\|>|<\|im_start\|>).*$", re.DOTALL)
-_ROLE_TO_SPEAKER = {"user": "client", "assistant": "therapist"}
-_SPEAKER_NAME = {"client": "Client", "therapist": "Therapist"}
 _RESERVED_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>") + MULTIMOOD_SPECIAL_TOKENS
 
 
@@ -321,57 +258,8 @@ def _neutralise(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Targets and their parsing
+# Targets (the answer format and its parser: `records.format_answer`, `records.parse_output`)
 # ----------------------------------------------------------------------------------------------
-
-
-def format_answer(
-    client_emotion: str, therapist_emotion: str, strategy: str, response: str, prompt_style: str = "multimood"
-) -> str:
-    """The four-line answer the model is trained to generate (`Client emotion: ...`, or with a published
-    prompt style the published `Client's emotion: x \\nTherapist's emotion: ...` lines)."""
-    values = [" ".join(str(v).split()) for v in (client_emotion, therapist_emotion, strategy, response)]
-    if check_prompt_style(prompt_style) != "multimood":
-        return PUBLISHED_ANSWER_TEMPLATE.format(**{key: v for (key, _, _), v in zip(_ANSWER_FIELDS, values)})
-    return "\n".join(f"{prefix}: {v}" for (_, prefix, _), v in zip(_ANSWER_FIELDS, values))
-
-
-def parse_output(
-    text: str, emotion_labels: Sequence[str] | None = None, strategy_labels: Sequence[str] | None = None
-) -> dict[str, str | None]:
-    """Parse a generated answer into `client_emotion`, `therapist_emotion`, `strategy`, `response`.
-
-    Lines are matched by their prefix (case-insensitive; the published `Client's emotion:` /
-    `Therapist's strategy:` / `Therapist's response:` spellings are accepted too). A field that is
-    missing or empty is `None`; nothing is silently dropped. The response runs from its line to
-    the end of the text (or to the next answer line). When label lists are given, a value naming
-    one of them is returned in the list's spelling; any other value is returned as written.
-    """
-    result: dict[str, str | None] = {key: None for key, _, _ in _ANSWER_FIELDS}
-    if text is None:
-        return result
-    text = _TRAILING_SPECIALS.sub("", text)
-    current = None
-    buffers: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        match = _ANSWER_LINE.match(line)
-        if match:
-            current = _PREFIX_TO_KEY[match.group("key").lower()]
-            if current in buffers:  # a repeated field: keep the first answer
-                current = "__ignored__"
-            buffers[current] = [match.group("value")]
-        elif current == "response":
-            buffers[current].append(line)
-    for key, _, _ in _ANSWER_FIELDS:
-        if key in buffers:
-            value = " ".join(" ".join(buffers[key]).split()) if key != "response" else "\n".join(buffers[key]).strip()
-            if key != "response":
-                value = value.strip().strip("*").strip()
-            result[key] = value or None
-    result["client_emotion"] = canonical_label(result["client_emotion"], emotion_labels)
-    result["therapist_emotion"] = canonical_label(result["therapist_emotion"], emotion_labels)
-    result["strategy"] = canonical_label(result["strategy"], strategy_labels)
-    return result
 
 
 def _join(fragments: Sequence[str]) -> str:
@@ -402,41 +290,21 @@ def format_target(
 
 
 # ----------------------------------------------------------------------------------------------
-# History
+# Chat-history exchanges (the prompt's units; reading the history: `records.history_messages`)
 # ----------------------------------------------------------------------------------------------
 
 
-def history_messages(record: dict, index: int | None = None) -> list[tuple[str, str]]:
-    """`history_chat` as `(speaker, text)` messages, speaker in {"client", "therapist"}.
-
-    Accepts `{"role", "content"}` dicts (user/client = client, assistant/therapist = therapist) and
-    strings, optionally prefixed `Client: ` / `Therapist: `; an unprefixed string is spoken by the
-    other speaker than the message before it (the first one by the client), so plain strings
-    alternate starting with the client. Empty messages are skipped.
-    """
-    history = record.get("history_chat")
-    if history is None:
-        return []
-    messages = normalize_history(history, record_name(record, index))
-    return [(_ROLE_TO_SPEAKER[m["role"]], " ".join(m["content"].split())) for m in messages if m["content"].strip()]
-
-
-def merge_turns(messages: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Consecutive messages of one speaker joined (with spaces) into one turn."""
-    turns: list[tuple[str, str]] = []
-    for speaker, text in messages:
-        if turns and turns[-1][0] == speaker:
-            turns[-1] = (speaker, turns[-1][1] + " " + text)
-        else:
-            turns.append((speaker, text))
-    return turns
+def _chat_messages(turns: Sequence[tuple[str, str]]) -> list[dict]:
+    """`(role, text)` history turns as chat messages (text neutralised)."""
+    return [{"role": role, "content": _neutralise(text)} for role, text in turns]
 
 
 def group_exchanges(turns: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """Turns grouped into exchanges: a client turn and the therapist turn answering it (see module doc)."""
+    """`(role, text)` turns grouped into exchanges: a client turn and the therapist turn answering it (see
+    module doc)."""
     exchanges: list[list[tuple[str, str]]] = []
     for turn in turns:
-        if turn[0] == "client" or not exchanges or exchanges[-1][-1][0] == "therapist":
+        if turn[0] == "user" or not exchanges or exchanges[-1][-1][0] == "assistant":
             exchanges.append([turn])
         else:
             exchanges[-1].append(turn)
@@ -560,9 +428,8 @@ class MultimoodProcessor(ProcessorMixin):
         self.audio_missing = audio_missing
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
-        super().__init__(
-            video_processor, feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs
-        )
+        chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        super().__init__(video_processor, feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
         if tokenizer is not None and isinstance(self.chat_template, str):
             # one template: `tokenizer.apply_chat_template` renders exactly what the processor renders
             tokenizer.chat_template = self.chat_template
@@ -606,17 +473,16 @@ class MultimoodProcessor(ProcessorMixin):
         kwargs.pop("_from_pipeline", None)
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         subfolder = kwargs.pop("subfolder", "")
+        part_classes = {"video_processor": MultimoodVideoProcessor, "feature_extractor": MultimoodFeatureExtractor}
         parts = []
         for name in cls.get_attributes():
             if name == "tokenizer":
-                parts.append(
-                    AutoTokenizer.from_pretrained(
-                        pretrained_model_name_or_path, subfolder=subfolder, trust_remote_code=trust_remote_code, **kwargs
-                    )
-                )
+                parts.append(AutoTokenizer.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=subfolder, trust_remote_code=trust_remote_code, **kwargs
+                ))
             else:
-                part_class = {"video_processor": MultimoodVideoProcessor, "feature_extractor": MultimoodFeatureExtractor}[name]
-                parts.append(part_class.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs))
+                parts.append(part_classes[name].from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                                                **kwargs))
         return parts
 
     # ------------------------------------------------------------------ token ids
@@ -725,7 +591,11 @@ class MultimoodProcessor(ProcessorMixin):
         clips = record["path_to_vid_user_most_recent"]
         used = list(clips)[-self.num_k_vid :] if self.num_k_vid > 0 else list(clips)
         sample = _Sample(
-            index=index if index is not None else 0, record=record, name=name, clips=used, clip_offset=len(clips) - len(used)
+            index=index if index is not None else 0,
+            record=record,
+            name=name,
+            clips=used,
+            clip_offset=len(clips) - len(used),
         )
         sample.exchanges = group_exchanges(merge_turns(history_messages(record, index)))
         sample.history_utterances = self.history_utterance_ids(record, index)
@@ -787,13 +657,12 @@ class MultimoodProcessor(ProcessorMixin):
 
     def _messages(self, sample: _Sample, units, include_video, include_audio, include_history, with_target, style):
         if style != "multimood":
-            return self._published_messages(sample, units, include_video, include_audio, include_history, with_target, style)
-        exchanges = units
+            return self._published_messages(
+                sample, units, include_video, include_audio, include_history, with_target, style
+            )
         record = sample.record
-        messages: list[dict] = [{"role": "system", "content": self.system_prompt}]
-        for exchange in exchanges:
-            for speaker, text in exchange:
-                messages.append({"role": "user" if speaker == "client" else "assistant", "content": _neutralise(text)})
+        turns = [turn for exchange in units for turn in exchange]
+        messages = [{"role": "system", "content": self.system_prompt}, *_chat_messages(turns)]
         parts: list[dict] = []
 
         def text(value: str):
@@ -831,13 +700,9 @@ class MultimoodProcessor(ProcessorMixin):
         record = sample.record
         system, template = PUBLISHED_PROMPTS[style]
         turns = [turn for unit in units for turn in unit]
-        if turns and turns[0][0] == "therapist":  # published training drops a leading assistant message
+        if turns and turns[0][0] == "assistant":  # published training drops a leading assistant message
             turns = turns[1:]
-        messages: list[dict] = [{"role": "system", "content": system}]
-        messages += [
-            {"role": "user" if speaker == "client" else "assistant", "content": _neutralise(text)}
-            for speaker, text in turns
-        ]
+        messages = [{"role": "system", "content": system}, *_chat_messages(turns)]
         fields = {
             "problem_type": _neutralise(" ".join((record.get("problem_type") or "").split())),
             "situation": _neutralise(" ".join((record.get("situation") or "").split())),
@@ -851,7 +716,11 @@ class MultimoodProcessor(ProcessorMixin):
             parts.append({"type": "audio"})
         if include_history:  # the published `<history>` text becomes the memory slots
             before_history, after_history = after_media.split(HISTORY_TOKEN)
-            parts += [{"type": "text", "text": before_history}, {"type": "history"}, {"type": "text", "text": after_history}]
+            parts += [
+                {"type": "text", "text": before_history},
+                {"type": "history"},
+                {"type": "text", "text": after_history},
+            ]
         else:
             parts.append({"type": "text", "text": after_media})
         messages.append({"role": "user", "content": parts})
@@ -978,7 +847,7 @@ class MultimoodProcessor(ProcessorMixin):
             texts = [" ".join(p.split()) for p in pieces]
             texts = [t for t in texts if t]
         else:
-            texts = [f"{_SPEAKER_NAME[s]}: {t}" for s, t in history_messages(record, index)]
+            texts = [f"{SPEAKER_NAMES[role]}: {text}" for role, text in history_messages(record, index)]
         if not texts:
             return []
         limit = self.history_max_tokens
@@ -1012,8 +881,8 @@ class MultimoodProcessor(ProcessorMixin):
             text = MEM_TOKEN.join(_neutralise(piece) for piece in mamba.split(MEM_TOKEN))
         else:
             text = "".join(
-                PUBLISHED_MEMORY_ITEM.format(speaker=_SPEAKER_NAME[speaker], text=_neutralise(content))
-                for speaker, content in history_messages(record, index)
+                PUBLISHED_MEMORY_ITEM.format(speaker=SPEAKER_NAMES[role], text=_neutralise(content))
+                for role, content in history_messages(record, index)
             )
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.history_max_tokens]
         mem = self.mem_token_id
@@ -1033,14 +902,22 @@ class MultimoodProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ media
 
-    def _process_media(self, samples, video_folder, num_frames, size, return_frame_indices, return_tensors):
+    def _process_media(self, samples, video_folder, num_frames, size, return_frame_indices, return_tensors) -> dict:
+        """The media tensors of the samples that have clips (in sample order); sets their `has_video` / `has_audio`."""
         with_clips = [s for s in samples if s.clips]
-        out: dict[str, Any] = {}
         if not with_clips:
-            return out
+            return {}
         videos = [s.clips for s in with_clips]
-        ids = [s.name[len("record "):] if s.name.startswith("record ") else s.name for s in with_clips]
+        ids = [s.name.removeprefix("record ") for s in with_clips]
         tensors = return_tensors or "pt"
+        out = self._process_video(with_clips, videos, ids, video_folder, num_frames, size, return_frame_indices,
+                                  tensors)
+        if self.feature_extractor is not None:
+            out.update(self._process_audio(with_clips, videos, ids, video_folder, tensors))
+        return out
+
+    def _process_video(self, with_clips, videos, ids, video_folder, num_frames, size, return_frame_indices, tensors):
+        """`pixel_values_videos` (one entry per sample with clips) and, on request, `frame_indices`."""
         video_kwargs = {"video_folder": video_folder, "record_ids": ids, "return_tensors": tensors}
         if num_frames is not None:
             video_kwargs["num_frames"] = num_frames
@@ -1054,7 +931,7 @@ class MultimoodProcessor(ProcessorMixin):
             raise RuntimeError(
                 f"the video processor returned {len(pixel_values)} videos for {len(with_clips)} samples"
             )
-        out["pixel_values_videos"] = pixel_values
+        out: dict[str, Any] = {"pixel_values_videos": pixel_values}
         if return_frame_indices:
             # positions in the record's own `path_to_vid_user_most_recent` list
             out["frame_indices"] = [
@@ -1063,22 +940,34 @@ class MultimoodProcessor(ProcessorMixin):
             ]
         for s in with_clips:
             s.has_video = True
-        if self.feature_extractor is not None:
-            audio = self.feature_extractor(
-                videos, video_folder=video_folder, record_ids=ids, return_tensors=tensors
-            )
-            present = [bool(x) for x in np.asarray(audio["audio_present"]).reshape(-1).tolist()]
-            if self.audio_missing == "silence":  # the extractor gives clips without audio the filterbank of silence
-                present = [True] * len(present)
-            features = audio["input_features"]
-            keep = [i for i, p in enumerate(present) if p]
-            for s, p in zip(with_clips, present):
-                s.has_audio = p
-            if keep:
-                if len(keep) != len(present):
-                    features = features[torch.as_tensor(keep)] if isinstance(features, torch.Tensor) else features[keep]
-                out["input_features"] = features
         return out
+
+    def _process_audio(self, with_clips, videos, ids, video_folder, tensors) -> dict:
+        """`input_features` of the samples whose clips have audio (all of them with `audio_missing="silence"`)."""
+        audio = self.feature_extractor(videos, video_folder=video_folder, record_ids=ids, return_tensors=tensors)
+        present = [bool(x) for x in np.asarray(audio["audio_present"]).reshape(-1).tolist()]
+        if self.audio_missing == "silence":  # the extractor gives clips without audio the filterbank of silence
+            present = [True] * len(present)
+        for s, p in zip(with_clips, present):
+            s.has_audio = p
+        keep = [i for i, p in enumerate(present) if p]
+        if not keep:
+            return {}
+        features = audio["input_features"]
+        if len(keep) != len(present):
+            features = features[torch.as_tensor(keep)] if isinstance(features, torch.Tensor) else features[keep]
+        return {"input_features": features}
+
+    def _media_token_counts(self, media: dict) -> tuple[int, int]:
+        """The placeholder copies of one `<video>` and of one `<audio>` block, from the processed media's shapes."""
+        n_video = n_audio = 0
+        if "pixel_values_videos" in media:
+            t, _, h, w = tuple(media["pixel_values_videos"].shape[1:5])
+            n_video = int(self.video_processor.num_video_tokens(t, h, w))
+        if "input_features" in media:
+            frames, bins = tuple(media["input_features"].shape[1:3])
+            n_audio = int(self.feature_extractor.num_audio_tokens(frames, bins))
+        return n_video, n_audio
 
     # ------------------------------------------------------------------ main entry point
 
@@ -1112,56 +1001,38 @@ class MultimoodProcessor(ProcessorMixin):
         """
         if kwargs:
             raise TypeError(f"MultimoodProcessor got unexpected arguments: {sorted(kwargs)}")
-        if records is None:
-            raise ValueError("MultimoodProcessor needs `records` (a record dict or a list of them)")
-        if isinstance(records, dict):
-            records = [records]
-        records = list(records)
-        if not records:
-            raise ValueError("MultimoodProcessor got an empty list of records")
+        records = _record_list(records)
         padding_side = padding_side or ("right" if with_target else "left")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         k = self.k_turn_history if k_turn_history is None else int(k_turn_history)
         if k < 0:
             raise ValueError(f"k_turn_history must be >= 0, got {k}")
-        limit = self.model_max_length if max_length is None else int(max_length)
+        limit = (self.model_max_length if max_length is None else int(max_length)) if truncation else None
         style = check_prompt_style(self.prompt_style if prompt_style is None else prompt_style)
 
         samples = [self._check_record(r, i, with_target) for i, r in enumerate(records)]
         for s in samples:
             self._apply_style(s, style, with_target)
         media = self._process_media(samples, video_folder, num_frames, size, return_frame_indices, return_tensors)
-
-        n_video = n_audio = 0
-        if "pixel_values_videos" in media:
-            t, _, h, w = tuple(media["pixel_values_videos"].shape[1:5])
-            n_video = int(self.video_processor.num_video_tokens(t, h, w))
-        if "input_features" in media:
-            frames, bins = tuple(media["input_features"].shape[1:3])
-            n_audio = int(self.feature_extractor.num_audio_tokens(frames, bins))
-
-        rows_ids, rows_labels, history_rows = [], [], []
-        for s in samples:
-            ids, labels, hist = self._encode_sample(
-                s, k, with_target, n_video, n_audio, limit if truncation else None, style
-            )
-            rows_ids.append(ids)
-            rows_labels.append(labels)
-            if hist:
-                history_rows.append(hist)
-
-        pad_id = self.pad_token_id
-        data: dict[str, Any] = {}
-        input_ids, attention_mask = _pad(rows_ids, pad_id, padding_side, pad_to_multiple_of)
-        data["input_ids"] = input_ids
-        data["attention_mask"] = attention_mask
-        if with_target:
-            data["labels"], _ = _pad(rows_labels, IGNORE_INDEX, padding_side, pad_to_multiple_of)
-        if history_rows:
-            data["history_input_ids"], data["history_attention_mask"] = _pad(history_rows, pad_id, "right", None)
+        n_video, n_audio = self._media_token_counts(media)
+        encoded = [self._encode_sample(s, k, with_target, n_video, n_audio, limit, style) for s in samples]
+        data = self._pad_batch(encoded, with_target, padding_side, pad_to_multiple_of)
         data.update(media)
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["frame_indices"])
+
+    def _pad_batch(self, encoded, with_target: bool, padding_side: str, pad_to_multiple_of: int | None) -> dict:
+        """`input_ids`, `attention_mask` (and `labels`) padded on `padding_side`; the compressor rows of the
+        samples that have history, right-padded."""
+        rows_ids, rows_labels, history_rows = zip(*encoded)
+        data: dict[str, Any] = {}
+        data["input_ids"], data["attention_mask"] = _pad(rows_ids, self.pad_token_id, padding_side, pad_to_multiple_of)
+        if with_target:
+            data["labels"], _ = _pad(rows_labels, IGNORE_INDEX, padding_side, pad_to_multiple_of)
+        history_rows = [row for row in history_rows if row]
+        if history_rows:
+            data["history_input_ids"], data["history_attention_mask"] = _pad(history_rows, self.pad_token_id, "right")
+        return data
 
     def _encode_sample(
         self, s: _Sample, k: int, with_target: bool, n_video: int, n_audio: int, limit: int | None, style: str
@@ -1223,7 +1094,9 @@ class MultimoodProcessor(ProcessorMixin):
                     "template must render each media/history part of a message exactly once",
                 )
         if MEM_TOKEN in prompt or self.mem_token_id in prompt_ids:
-            raise MultimoodRecordError(s.name, None, "the rendered prompt contains <MEM>, which only the compressor reads")
+            raise MultimoodRecordError(
+                s.name, None, "the rendered prompt contains <MEM>, which only the compressor reads"
+            )
         ids: list[int] = []
         for tid in prompt_ids:
             if tid in expected:
@@ -1249,7 +1122,8 @@ class MultimoodProcessor(ProcessorMixin):
                 return ids + target_ids, labels + target_ids
             body = answer.rstrip()
             target_ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
-            tail_ids = self.tokenizer(answer[len(body) :], add_special_tokens=False)["input_ids"] if body != answer else []
+            tail = answer[len(body) :]
+            tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
             ids = ids + target_ids + tail_ids
             labels = labels + target_ids + [IGNORE_INDEX] * len(tail_ids)
         return ids, labels
@@ -1292,7 +1166,17 @@ class MultimoodProcessor(ProcessorMixin):
         return results
 
 
-def _pad(rows: list[list[int]], value: int, side: str, multiple: int | None):
+def _record_list(records: dict | Sequence[dict] | None) -> list:
+    """The processor's `records` argument as a non-empty list."""
+    if records is None:
+        raise ValueError("MultimoodProcessor needs `records` (a record dict or a list of them)")
+    records = [records] if isinstance(records, dict) else list(records)
+    if not records:
+        raise ValueError("MultimoodProcessor got an empty list of records")
+    return records
+
+
+def _pad(rows: Sequence[list[int]], value: int, side: str, multiple: int | None = None):
     """Pad rows to one length; returns (padded rows, attention mask) as lists."""
     length = max(len(r) for r in rows)
     if multiple:
@@ -1336,21 +1220,24 @@ __all__ = [
     "AUDIO_MISSING_CHOICES",
     "DEFAULT_CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
+    "IGNORE_INDEX",
+    "MULTIMOOD_SPECIAL_TOKENS",
+    "MultimoodDataCollator",
+    "MultimoodProcessor",
+    "PUBLISHED_PROMPTS",
+    "format_target",
+    "group_exchanges",
+    "prepare_tokenizer",
+    # defined in records.py, importable from here too (the processor's answer format and label sets)
     "ESCONV_EMOTIONS",
     "ESCONV_STRATEGIES",
-    "IGNORE_INDEX",
     "LABEL_SETS",
     "MESC_EMOTIONS",
     "MESC_STRATEGIES",
-    "MultimoodDataCollator",
-    "MultimoodProcessor",
     "MultimoodRecordError",
     "PROMPT_STYLES",
     "PUBLISHED_ANSWER_TEMPLATE",
-    "PUBLISHED_PROMPTS",
     "check_prompt_style",
     "format_answer",
-    "format_target",
     "parse_output",
-    "prepare_tokenizer",
 ]

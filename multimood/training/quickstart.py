@@ -178,7 +178,8 @@ def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def _tokenizer_corpus(records: list[dict]) -> list[str]:
     try:
-        from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT, LABEL_SETS  # noqa: PLC0415
+        from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT  # noqa: PLC0415
+        from ..model.records import LABEL_SETS  # noqa: PLC0415
 
         labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
     except ImportError:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..model.processing_multimood import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
+from ..model.records import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
 
 logger = logging.getLogger("multimood.training.rewards")
 

@@ -43,10 +43,11 @@ from transformers.trainer_utils import seed_worker
 
 from ..data.bad_samples import BadSampleScreen
 from ..checkpoints.convert_videollama2_to_multimood import beats_config_from_cfg, load_pickled_weights, read_beats_checkpoint
-from ..data.dataset_builder import iter_records, load_dialogues
+from ..data.dataset_builder import load_dialogues
+from ..data.record_files import iter_records
 from ..checkpoints.hub import check_hub_reachable, check_model_folder, prepare_upload_folder, push_to_hub
 from ..model.pipeline_multimood import save_pipeline_files
-from ..model.processing_multimood import PROMPT_STYLES
+from ..model.records import PROMPT_STYLES
 
 logger = logging.getLogger("multimood.training.train")
 
@@ -1096,8 +1097,7 @@ def check_training_flags(model_args: ModelArguments, data_args: DataArguments,
     """Flags and inputs that cannot work, found before anything heavy loads: each raises `MultimoodError`
     naming the flag (or the file, line and field of a bad record: the data files are validated here with
     the label set the processor will use, so that a run never dies at its first batch on a record)."""
-    from ..model.processing_multimood import LABEL_SETS  # noqa: PLC0415
-    from ..model.records import MultimoodError  # noqa: PLC0415
+    from ..model.records import LABEL_SETS, MultimoodError  # noqa: PLC0415
 
     def fail(message: str):
         raise MultimoodError(message)
