@@ -21,16 +21,26 @@ DEBUG_ENV = "MULTIMOOD_DEBUG"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
+# command: (module, function, help line); the module is imported only when its command runs.
 COMMANDS = {
-    "quickstart": ("multimood.training.quickstart", "main", "generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)"),
-    "train": ("multimood.training.train", "main", "supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)"),
-    "grpo": ("multimood.training.grpo", "main", "GRPO reinforcement fine-tuning of an SFT model (trl; see `multimood grpo --help`)"),
-    "convert": ("multimood.checkpoints.convert_videollama2_to_multimood", "convert_command", "convert a published MultiMood / VideoLLaMA 2 checkpoint (or back with --to-published)"),
-    "push": ("multimood.checkpoints.hub", "push_main", "build the Hub folder (card, remote code, pipeline) of a saved model and upload it"),
-    "data": ("multimood.data.dataset_builder", "data_command", "convert MESC / ESConv to the record JSONL, validate record files"),
-    "predict": ("multimood.evaluation.predict", "predict_main", "answer a records JSONL with the emotional-support pipeline -> predictions JSONL for `multimood evaluate`"),
-    "evaluate": ("multimood.evaluation.metrics", "evaluate_command", "paper-compatible and strict metrics of a predictions JSONL"),
-    "demo": ("multimood.apps.demo", "main", "web demo (Gradio): upload clips and a conversation, see emotions, strategy and response"),
+    "quickstart": ("multimood.training.quickstart", "main",
+                   "generate sample clips and dialogues, train a tiny model, reload it and predict (no downloads)"),
+    "train": ("multimood.training.train", "main",
+              "supervised fine-tuning (the seed's finetune.sh flags; see `multimood train --help`)"),
+    "grpo": ("multimood.training.grpo", "main",
+             "GRPO reinforcement fine-tuning of an SFT model (trl; see `multimood grpo --help`)"),
+    "convert": ("multimood.checkpoints.convert_videollama2_to_multimood", "convert_command",
+                "convert a published MultiMood / VideoLLaMA 2 checkpoint (or back with --to-published)"),
+    "push": ("multimood.checkpoints.hub", "push_main",
+             "build the Hub folder (card, remote code, pipeline) of a saved model and upload it"),
+    "data": ("multimood.data.dataset_builder", "data_command",
+             "convert MESC / ESConv to the record JSONL, validate record files"),
+    "predict": ("multimood.evaluation.predict", "predict_main",
+                "answer a records JSONL with the pipeline -> predictions JSONL for `multimood evaluate`"),
+    "evaluate": ("multimood.evaluation.metrics", "evaluate_command",
+                 "paper-compatible and strict metrics of a predictions JSONL"),
+    "demo": ("multimood.apps.demo", "main",
+             "web demo (Gradio): upload clips and a conversation, see emotions, strategy and response"),
     "serve": ("multimood.apps.serve", "main", "OpenAI-compatible server (transformers serve) of a model folder"),
 }
 
