@@ -263,7 +263,7 @@ class MultimoodModel(MultimoodPreTrainedModel):
         """
         term = torch.zeros((), device=self.device, dtype=self.mm_projector_a_dtype)
         if pixel_values_videos is None:
-            size = self.config.image_size
+            size = self.config.vision_config.image_size
             frames = self.config.connector_downsample[0] if self.config.mm_projector_type == "stc_connector_v35" else 1
             dummy = torch.zeros(1, frames, 3, size, size, device=self.device)
             term = term + self.get_video_features(dummy).sum() * 0
