@@ -20,14 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
-from multimood.checkpoints.convert_videollama2_to_multimood import (
-    REPORT_NAME,
-    ConversionError,
-    convert,
-    main,
-    read_beats_checkpoint,
-)
-from tests.model_utils import TINY_VOCAB, multimodal_batch, tiny_config
+from multimood.checkpoints.convert_videollama2_to_multimood import REPORT_NAME, ConversionError, convert, main
+from multimood.checkpoints.weights import read_beats_checkpoint
+from tests.model_utils import TINY_IMAGE_SIZE, TINY_NUM_FRAMES, TINY_VOCAB, multimodal_batch, tiny_config
 
 PUBLISHED_TOKENIZER_LEN = 151647  # Qwen2 (151646) + <MEM>: the size the published compressor was resized to
 PUBLISHED_MEM_ID = 151646  # <MEM> was the first token the published code added
@@ -90,7 +85,7 @@ def published_config(model: MultimoodForConditionalGeneration, **extra) -> dict:
     out.update(
         architectures=["Videollama2Qwen2ForCausalLM"], model_type="videollama2_qwen2", torch_dtype="float32",
         mm_vision_tower="google/siglip-so400m-patch14-384", mm_projector_type=config.mm_projector_type,
-        mm_hidden_size=32, mm_vision_select_layer=-2, image_aspect_ratio="pad", num_frames=config.num_frames,
+        mm_hidden_size=32, mm_vision_select_layer=-2, image_aspect_ratio="pad", num_frames=TINY_NUM_FRAMES,
         mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", mm_projector_a_type=config.mm_projector_a_type,
         mm_hidden_size_a=32, hidden_size_a=32, tokenizer_model_max_length=2048, use_mm_proj=True,
         tune_mm_mlp_adapter=False, some_future_flag=True,
@@ -198,7 +193,12 @@ def test_converted_tensors_equal_the_sources(published):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "multimood" and config["compressor_config"]["_name_or_path"] == "state-spaces/mamba-370m-hf"
     assert config["compressor_config"]["vocab_size"] == TINY_VOCAB and config["mem_token_id"] == 151649
-    assert config["connector_depth"] == 1 and config["num_frames"] == 4 and config["mm_projector_a_type"] == "linear"
+    assert config["connector_depth"] == 1 and config["mm_projector_a_type"] == "linear"
+    # frames and frame size are the processor's (config.json's num_frames, the vision tower's image size)
+    assert "num_frames" not in config and "image_size" not in config
+    video = json.loads((out / "processor_config.json").read_text())["video_processor"]
+    assert video["num_frames"] == TINY_NUM_FRAMES and video["image_aspect_ratio"] == "pad"
+    assert video["size"] == {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     assert config["audio_config"]["encoder_attention_heads"] == 4 and config["auto_map"]["AutoModelForCausalLM"]
     for name in ("processor_config.json", "tokenizer.json", "chat_template.jinja", "modeling_multimood.py", "modeling_beats.py"):
         assert (out / name).is_file(), name
@@ -292,7 +292,7 @@ def test_videollama2_av_layout(tmp_path, tokenizer):
     assert not loaded.config.tie_word_embeddings
     # the published temporal_aggregator averages the frames before an mlp2x_gelu projector: one frame of tokens
     assert loaded.config.video_frame_pooling == "mean" and report.profile["video_frame_pooling"] == "mean"
-    assert loaded.config.num_video_tokens() == (56 // 14) ** 2
+    assert loaded.config.num_video_tokens(TINY_NUM_FRAMES) == (56 // 14) ** 2
     processor_config = json.loads((tmp_path / "out" / "processor_config.json").read_text())
     assert processor_config["video_processor"]["frame_pooling"] == "mean"  # its token count follows the model
 
@@ -305,6 +305,7 @@ def test_round_trip_to_published(published, tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "videollama2_qwen2" and config["mem_token_id"] == 151649
     assert config["mm_projector_type"] == "stc_connector_v35" and config["hidden_size"] == 32
+    assert config["num_frames"] == TINY_NUM_FRAMES and config["image_aspect_ratio"] == "pad"  # from the processor
     expected = set(state) - {UNKNOWN_KEY, "model.audio_tower.predictor.weight", "model.audio_tower.predictor.bias"}
     assert set(back) == expected
     mamba = "model.mamba_compressor.mamba.embeddings.weight"

@@ -10,7 +10,14 @@ import textwrap
 
 import pytest
 import torch
-from tests.model_utils import TINY_FBANK_FRAMES, multimodal_batch, sensitive_model, tiny_config
+from tests.model_utils import (
+    TINY_FBANK_FRAMES,
+    TINY_IMAGE_SIZE,
+    TINY_NUM_FRAMES,
+    multimodal_batch,
+    sensitive_model,
+    tiny_config,
+)
 from transformers import AutoModel, AutoModelForCausalLM
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodModel
@@ -79,7 +86,7 @@ def test_placeholder_mismatch_is_a_clear_error():
     video_positions = (batch["input_ids"][0] == model.config.video_token_id).nonzero()
     broken = dict(batch, input_ids=batch["input_ids"].clone())
     broken["input_ids"][0, video_positions[0]] = 5
-    expected = model.config.num_video_tokens()
+    expected = model.config.num_video_tokens(TINY_NUM_FRAMES)
     with pytest.raises(ValueError, match=rf"video: sample 0 holds {expected - 1} placeholder tokens .* {expected} vectors"):
         model(**broken)
     with pytest.raises(ValueError, match="audio: 1 sample.* but 2 audio input"):
@@ -92,12 +99,12 @@ def test_placeholder_mismatch_is_a_clear_error():
 def test_token_counts_follow_config_and_shapes():
     config = tiny_config()
     model = build(config)
-    video = torch.randn(2, config.num_frames, 3, config.image_size, config.image_size)
-    assert model.get_video_features(video).shape == (2, config.num_video_tokens(), 32)
+    video = torch.randn(2, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    assert model.get_video_features(video).shape == (2, config.num_video_tokens(TINY_NUM_FRAMES), 32)
     fbank = torch.randn(1, TINY_FBANK_FRAMES, 128)
     assert model.get_audio_features(fbank).shape == (1, config.num_audio_tokens(TINY_FBANK_FRAMES), 32)
     mlp = build(projector="mlp2x_gelu")
-    assert mlp.get_video_features(video).shape[1] == config.num_frames * (config.image_size // 14) ** 2
+    assert mlp.get_video_features(video).shape[1] == TINY_NUM_FRAMES * (TINY_IMAGE_SIZE // 14) ** 2
 
 
 def count(module: torch.nn.Module) -> int:
@@ -134,7 +141,7 @@ def test_published_config_on_meta_device():
     from transformers import MambaModel, Qwen2Model, SiglipVisionModel
 
     config = MultimoodConfig()
-    assert config.num_video_tokens() == 1352 and config.num_audio_frames() == 2998 and config.num_audio_tokens() == 1496
+    assert config.num_video_tokens(16) == 1352 and config.num_audio_tokens(2998) == 1496
     with torch.device("meta"):
         model = MultimoodForConditionalGeneration(config)
         video = model.get_video_features(torch.empty(1, 16, 3, 384, 384))
