@@ -340,7 +340,7 @@ def test_tiny_paper_preset_grpo_run_updates_weights(sft_model, shared_data, tiny
     from multimood.training import grpo
 
     seen_media = []
-    trainer_cls = grpo._trainer_class()
+    trainer_cls = grpo.MultimoodGRPOTrainer
     original = trainer_cls._get_per_token_logps_and_entropies
 
     def spy(self, model, input_ids, *args, **kwargs):

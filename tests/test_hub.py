@@ -20,6 +20,7 @@ import torch
 from huggingface_hub import ModelCard, metadata_load
 
 from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
+from multimood.checkpoints.assembly import build_processor, fit_processor_to_model
 from multimood.checkpoints.hub import (
     DEFAULT_LICENSE,
     check_upload_folder,
@@ -30,12 +31,9 @@ from multimood.checkpoints.hub import (
     render_model_card,
     training_hyperparameters,
 )
-from tests.model_utils import tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 
-try:  # the pipeline module is optional for the upload folder
-    from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
-except ImportError:  # pragma: no cover
-    CUSTOM_PIPELINES = EmotionalSupportPipeline = None
+from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
 
 REPO_ID = "someone/multimood-tiny"
 MAX_NEW = 24
@@ -71,9 +69,11 @@ TRAINING_ARGS = {
 def built(shared_data, tmp_path_factory):
     """(model, processor, upload folder) of a tiny random model with the real Qwen2 tokenizer."""
     torch.manual_seed(0)
-    config = tiny_config(audio_num_windows=2, audio_max_seconds=4.0, num_k_vid=2)
+    config = tiny_config()
     model = MultimoodForConditionalGeneration(config).eval()
-    processor = MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2", k_turn_history=2)
+    media = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
+    processor = build_processor(shared_data / "tokenizer" / "qwen2", media, k_turn_history=2)
+    fit_processor_to_model(processor, config)  # the frames and <video> count of the tiny vision tower
     metrics_file = tmp_path_factory.mktemp("metrics") / "metrics.json"
     metrics_file.write_text(json.dumps(METRICS))
     folder = tmp_path_factory.mktemp("hub") / "upload"
@@ -96,8 +96,7 @@ def test_upload_folder_contents(built):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_multimood.MultimoodForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_multimood.MultimoodConfig"
-    if CUSTOM_PIPELINES is not None:
-        assert "pipeline_multimood.py" in names and config["custom_pipelines"] == CUSTOM_PIPELINES
+    assert "pipeline_multimood.py" in names and config["custom_pipelines"] == CUSTOM_PIPELINES
     assert check_upload_folder(folder) == []
 
 
@@ -175,7 +174,7 @@ def test_card_metadata_parses(built):
     assert "lora_r" not in text and "logging_dir" not in text
 
 
-def test_card_base_models_and_template(tmp_path):
+def test_card_base_models_and_template(tmp_path, shared_data):
     """Sub-config names that are Hub ids, the published sizes, and explicit overrides become `base_model`."""
     config = tiny_config()
     config.text_config._name_or_path = "Qwen/Qwen2-0.5B-Instruct"
@@ -187,7 +186,7 @@ def test_card_base_models_and_template(tmp_path):
     from multimood import MultimoodConfig
 
     published = MultimoodConfig()  # the published sizes: Qwen2-1.5B-Instruct, SigLIP so400m, mamba-370m
-    card = render_model_card(published)
+    card = render_model_card(published, processor=MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2"))
     assert card.data.base_model == ["Qwen/Qwen2-1.5B-Instruct", "google/siglip-so400m-patch14-384", "state-spaces/mamba-370m-hf"]
     assert "1352 tokens" in card.text and "1496 tokens" in card.text
     assert find_template().name == "model_card.md"

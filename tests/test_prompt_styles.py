@@ -243,13 +243,14 @@ def test_clip_without_audio_gets_the_filterbank_of_silence(processor, shared_dat
 
 def test_train_flag_sets_the_processor_prompt_style(shared_data, tmp_path):
     from multimood.training import train as mm_train
+    from multimood.training.assembly import processor_from_args
 
     tokenizer = str(shared_data / "tokenizer" / "qwen2")
     flags = ["--tokenizer_path", tokenizer, "--output_dir", str(tmp_path), "--report_to", "none"]
     model_args, data_args, training_args = mm_train.parse_args(flags + ["--prompt_style", "published-train"])
-    processor = mm_train.build_processor(model_args, data_args, training_args, {})
+    processor = processor_from_args(model_args, data_args, training_args)
     assert processor.prompt_style == "published-train"
     model_args, data_args, training_args = mm_train.parse_args(flags)
-    assert mm_train.build_processor(model_args, data_args, training_args, {}).prompt_style == "multimood"
+    assert processor_from_args(model_args, data_args, training_args).prompt_style == "multimood"
     with pytest.raises(SystemExit):
         mm_train.parse_args(flags + ["--prompt_style", "paper"])

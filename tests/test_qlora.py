@@ -16,7 +16,9 @@ import pytest
 import torch
 import transformers
 
+from multimood.checkpoints.assembly import build_processor
 from multimood.training import train as mm_train
+from multimood.training.assembly import quantize_language_model
 from multimood.training.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
 from tests.model_utils import tiny_config
 from tests.test_training import (  # noqa: F401
@@ -199,14 +201,13 @@ def test_modality_grouped_batches_single_modality_and_seeded():
 def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
     """--group_by_modality_length: the Trainer's training batches, collated from real records and clips, have video
     for all records or for none."""
-    from multimood.model.processing_multimood import MultimoodDataCollator, MultimoodProcessor
+    from multimood.model.processing_multimood import MultimoodDataCollator
 
     records = mm_train.load_records(mixed_records["records"])
     clips = [bool(r["path_to_vid_user_most_recent"]) for r in records]
     lengths = modality_lengths(records)
     assert [n > 0 for n in lengths] == clips and all(n != 0 for n in lengths)
-    video_processor = mm_train.make_video_processor({"num_frames": 2, "size": {"height": 28, "width": 28}})
-    processor = MultimoodProcessor.from_tokenizer(str(mixed_records["tokenizer"]), video_processor=video_processor)
+    processor = build_processor(str(mixed_records["tokenizer"]), {"num_frames": 2, "image_size": 28})
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", seed=3,
                                                per_device_train_batch_size=2, group_by_modality_length=True)
     trainer = MultimoodTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=records,
@@ -237,7 +238,7 @@ def test_quantize_language_model_8bit_matches_dequantized_weights(tmp_path):
     reference = MultimoodForConditionalGeneration(config).eval()
     reference.load_state_dict(model.state_dict())
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", bits=8, lora_enable=True)
-    assert mm_train.quantize_language_model(model, args) == 2 * len(LORA_LINEARS)
+    assert quantize_language_model(model, args) == 2 * len(LORA_LINEARS)
     int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert len(int8) == 2 * len(LORA_LINEARS) and all(m.weight.dtype == torch.int8 for m in int8)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "language_model.layers" not in n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from multimood.training import train as mm_train
+from multimood.training import arguments as mm_args
 from tests.test_run_scripts import launched_flags
 
 ZERO3 = Path(__file__).resolve().parents[1] / "run_scripts" / "zero3.json"
@@ -76,7 +76,7 @@ def _parse(flags: str | list[str], tmp_path=None):
     argv = shlex.split(flags) if isinstance(flags, str) else list(flags)
     if "--output_dir" not in argv:
         argv += ["--output_dir", str(tmp_path)]
-    return mm_train.parse_args(argv)
+    return mm_args.parse_args(argv)
 
 
 def test_all_47_published_fields_parse(tmp_path, caplog):
@@ -94,7 +94,7 @@ def test_all_47_published_fields_parse(tmp_path, caplog):
     assert (args.bits, args.quant_type, args.double_quant, args.mm_projector_lr) == (4, "nf4", True, 2e-5)
     assert args.group_by_modality_length and args.lora_weight_path == "adapter" and args.model_max_length == 4096
     warned = caplog.text
-    for name in mm_train.PUBLISHED_FIELDS_WITHOUT_EFFECT:
+    for name in mm_args.PUBLISHED_FIELDS_WITHOUT_EFFECT:
         assert f"--{name} has no effect here" in warned, name
 
 
@@ -115,7 +115,7 @@ def test_published_script_flag_sets_parse(flags, tmp_path):
 def test_finetune_qlora_launcher_flags(tmp_path):
     """run_scripts/finetune_qlora.sh: the seed's QLoRA recipe on top of finetune.sh, ZeRO-2."""
     flags = launched_flags("finetune_qlora.sh", tmp_path, "--max_steps", "3")
-    model_args, data_args, args = mm_train.parse_args(flags)
+    model_args, data_args, args = mm_args.parse_args(flags)
     assert model_args.model_path == "Qwen/Qwen2.5-7B-Instruct" and not model_args.tune_compressor
     assert (args.bits, args.quant_type, args.double_quant) == (4, "nf4", True)
     assert (args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (True, 64, 128, 2e-5)
@@ -123,7 +123,7 @@ def test_finetune_qlora_launcher_flags(tmp_path):
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 1)  # global 2 over 2 processes
     assert args.save_steps == 2000 and args.model_max_length == 5120 and data_args.num_frames == 8
     assert args.deepspeed.endswith("zero2.json")
-    mm_train.check_quantization_flags(args)
+    mm_args.check_quantization_flags(args)
 
 
 @pytest.mark.parametrize(
@@ -162,8 +162,8 @@ def test_published_names_errors(tmp_path):
 
 def test_quantization_flag_checks(tmp_path):
     with pytest.raises(ValueError, match="--bits 4 freezes the quantized LLM: add --lora_enable True"):
-        mm_train.check_quantization_flags(_parse("--bits 4", tmp_path)[2])
+        mm_args.check_quantization_flags(_parse("--bits 4", tmp_path)[2])
     pytest.importorskip("deepspeed")
     zero3 = _parse(f"--bits 8 --lora_enable True --deepspeed {ZERO3}", tmp_path)[2]
     with pytest.raises(ValueError, match="ZeRO-3"):
-        mm_train.check_quantization_flags(zero3)
+        mm_args.check_quantization_flags(zero3)

@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from transformers.image_utils import SizeDict
+
 from ..model.configuration_multimood import PROCESSOR_SETTING_KEYS
 from ..model.processing_multimood import MultimoodProcessor
 
@@ -39,7 +41,7 @@ def set_media_settings(processor: MultimoodProcessor, settings: Mapping[str, Any
         if value is None:
             continue
         if name == "image_size":
-            video.size = {"height": int(value), "width": int(value)}
+            video.size = SizeDict(height=int(value), width=int(value))
         elif name == "num_k_vid":
             for part in (video, audio):
                 if part is not None:
@@ -71,7 +73,7 @@ def fit_processor_to_model(processor: MultimoodProcessor, config) -> None:
     `<video>` counts of its patch size and connector (type, strides, frame pooling)."""
     video = processor.video_processor
     side = int(config.vision_config.image_size)
-    video.size = {"height": side, "width": side}
+    video.size = SizeDict(height=side, width=side)
     video.patch_size = int(config.vision_config.patch_size)
     video.connector_downsample = tuple(config.connector_downsample)
     video.projector_type = config.mm_projector_type
