@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from tests.model_utils import tiny_config
 from transformers import AutoModel, Qwen2ForCausalLM, SiglipVisionModel
 
 from multimood import BeatsModel
 from multimood.training.train import build_model_and_processor, parse_args
+from tests.model_utils import tiny_config
 
 
 def test_components_are_loaded_into_the_assembled_model(tmp_path, shared_data):

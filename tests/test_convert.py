@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 from multimood.checkpoints.convert_videollama2_to_multimood import REPORT_NAME, ConversionError, convert, main
@@ -110,8 +110,6 @@ def write_checkpoint(folder, state: dict, config: dict, shards: int = 2, fmt: st
             name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
             torch.save({k: state[k] for k in part}, folder / name)
         else:
-            from safetensors.torch import save_file
-
             name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file({k: state[k].contiguous().clone() for k in part}, str(folder / name))
         weight_map.update({k: name for k in part})

@@ -17,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub import ModelCard, constants, metadata_load
 
-from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
+from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodProcessor
 from multimood.checkpoints.assembly import build_processor, fit_processor_to_model
 from multimood.checkpoints.hub import (
     DEFAULT_LICENSE,
@@ -31,9 +31,8 @@ from multimood.checkpoints.hub import (
     render_model_card,
     training_hyperparameters,
 )
-from tests.model_utils import TINY_NUM_FRAMES, tiny_config
-
 from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 
 REPO_ID = "someone/multimood-tiny"
 MAX_NEW = 24
@@ -183,7 +182,6 @@ def test_card_base_models_and_template(tmp_path, shared_data):
     assert card.data.base_model == ["Qwen/Qwen2-0.5B-Instruct", "someone/beats-iter3"]
     assert card.data.license == "apache-2.0" and card.data.eval_results is None
     assert "No evaluation results" in card.text
-    from multimood import MultimoodConfig
 
     published = MultimoodConfig()  # the published sizes: Qwen2-1.5B-Instruct, SigLIP so400m, mamba-370m
     card = render_model_card(published, processor=MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2"))
@@ -263,8 +261,6 @@ def test_push_fails_fast_without_network(built, env_update, needle):
 
 def _online(monkeypatch) -> None:
     """Offline mode off for this test, whatever the session's environment says."""
-    from huggingface_hub import constants
-
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from timm.layers import LayerNorm2d
+from timm.models.regnet import RegStage
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModel, AutoModelForCausalLM, MambaModel, Qwen2Model, SiglipVisionModel
+
+from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodModel
 from tests.model_utils import (
     TINY_FBANK_FRAMES,
     TINY_IMAGE_SIZE,
@@ -18,9 +27,6 @@ from tests.model_utils import (
     sensitive_model,
     tiny_config,
 )
-from transformers import AutoModel, AutoModelForCausalLM
-
-from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodModel
 
 ALL_MODALITIES = [
     {"text": 12, "video": True, "audio": True, "history": 3},
@@ -136,10 +142,6 @@ def beats_params(cfg) -> int:
 
 def test_published_config_on_meta_device():
     """`MultimoodConfig()` is the published model: token counts and parameter counts per block."""
-    from timm.layers import LayerNorm2d
-    from timm.models.regnet import RegStage
-    from transformers import MambaModel, Qwen2Model, SiglipVisionModel
-
     config = MultimoodConfig()
     assert config.num_video_tokens(16) == 1352 and config.num_audio_tokens(2998) == 1496
     with torch.device("meta"):
@@ -342,9 +344,6 @@ def test_initialisation_is_complete():
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         model = build().train()
@@ -363,9 +362,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
 @pytest.mark.slow
 def test_distributed_ranks_with_different_modalities_stay_in_step(tmp_path):
     """A text-only batch on one rank and a multimodal batch on another: no hang, no DDP error."""
-    import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

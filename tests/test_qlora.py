@@ -15,14 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
+from multimood import MultimoodForConditionalGeneration
 from multimood.checkpoints.assembly import build_processor
+from multimood.model.processing_multimood import MultimoodDataCollator
 from multimood.training import train as mm_train
 from multimood.training.assembly import quantize_language_model
 from multimood.training.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
-from tests.model_utils import tiny_config
+from tests.model_utils import multimodal_batch, tiny_config
 from tests.test_training import (  # noqa: F401
-    _reload_in_clean_process, _run_killing_group, _tiny_argv, _vocab, sample_data,
+    _reload_in_clean_process,
+    _run_killing_group,
+    _tiny_argv,
+    _vocab,
+    sample_data,
 )
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'multimood[qlora]')")
@@ -49,8 +56,6 @@ def mixed_records(sample_data, tmp_path_factory):  # noqa: F811
 
 
 def _batch_of(records_path: Path, indices: list[int], processor, videos) -> dict:
-    from multimood.model.processing_multimood import MultimoodDataCollator
-
     records = [json.loads(line) for line in records_path.read_text().splitlines()]
     return MultimoodDataCollator(processor, video_folder=str(videos))([records[i] for i in indices])
 
@@ -109,8 +114,6 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
     assert projector_ids and in_projector_groups == projector_ids
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {3e-3, 1e-3}
 
-    from safetensors import safe_open
-
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as saved:
         keys = list(saved.keys())
     assert sum("lora_A" in k for k in keys) == sum("lora_B" in k for k in keys) == 2 * len(LORA_LINEARS)
@@ -136,8 +139,6 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
 def test_projector_lr_param_groups(tmp_path):
     """--mm_projector_lr: connector and audio projector in their own groups, decay for all but biases and norm
     weights (the published rule); without it the Trainer's two groups."""
-    from multimood import MultimoodForConditionalGeneration
-
     model = MultimoodForConditionalGeneration(tiny_config())
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", learning_rate=1e-4,
                                                weight_decay=0.1, mm_projector_lr=2e-5)
@@ -201,8 +202,6 @@ def test_modality_grouped_batches_single_modality_and_seeded():
 def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
     """--group_by_modality_length: the Trainer's training batches, collated from real records and clips, have video
     for all records or for none."""
-    from multimood.model.processing_multimood import MultimoodDataCollator
-
     records = mm_train.load_records(mixed_records["records"])
     clips = [bool(r["path_to_vid_user_most_recent"]) for r in records]
     lengths = modality_lengths(records)
@@ -229,9 +228,6 @@ def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
 def test_quantize_language_model_8bit_matches_dequantized_weights(tmp_path):
     """--bits 8: only the LLM's linear layers become int8 (the rest keeps float32) and the model computes what a
     float32 copy holding the dequantized weights computes."""
-    from multimood import MultimoodForConditionalGeneration
-    from tests.model_utils import multimodal_batch
-
     config = tiny_config()
     torch.manual_seed(0)
     model = MultimoodForConditionalGeneration(config).eval()
@@ -284,8 +280,6 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
 
 def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
     """--pretrain_mm_mlp_adapter / _a: the published per-projector files (keys `model.mm_projector[_a].*`)."""
-    from multimood import MultimoodForConditionalGeneration
-
     model = MultimoodForConditionalGeneration(tiny_config())
     video = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in model.model.mm_projector.state_dict().items()}
     audio = {f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()}
@@ -307,13 +301,11 @@ def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
 
 def test_lora_weight_path_continues_a_saved_adapter(tmp_path):
     """--lora_weight_path: the saved adapter's own weights (LoRA and fully trained projectors) come back, trainable."""
-    from multimood import MultimoodForConditionalGeneration
-
     config = tiny_config()
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", lora_enable=True, lora_r=4)
     first = mm_train.apply_lora(MultimoodForConditionalGeneration(config), mm_train.ModelArguments(), args)
     with torch.no_grad():
-        for name, param in first.named_parameters():
+        for _, param in first.named_parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param))
     first.save_pretrained(tmp_path / "adapter")

@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, AutoTokenizer
 
+from multimood import MultimoodForConditionalGeneration
 from multimood.training import quickstart
 from multimood.training import train as mm_train
 from tests.model_utils import TINY_VOCAB
@@ -156,8 +160,6 @@ def _tiny_argv(data: dict, output_dir, vocab_size: int, *extra: str, compressor:
 
 
 def _vocab(data) -> int:
-    from transformers import AutoTokenizer
-
     return -(-(len(AutoTokenizer.from_pretrained(str(data["tokenizer"]))) + 4) // 8) * 8
 
 
@@ -223,9 +225,7 @@ def test_train_on_mesc_loss_decreases_and_reloads(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_lora_saves_adapter_and_merged_model(sample_data, tmp_path):
-    from peft import PeftModel
-
-    from multimood import MultimoodForConditionalGeneration
+    from peft import PeftModel  # noqa: PLC0415 - needs peft (the train extra)
 
     out = tmp_path / "lora"
     argv = _tiny_argv(sample_data, out, _vocab(sample_data), "--max_steps", "4", "--save_strategy", "no",
@@ -346,8 +346,6 @@ def _run_killing_group(cmd: list[str], timeout: float, env: dict | None = None) 
 
 
 def _safetensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
@@ -361,8 +359,6 @@ def _logged_losses(folder) -> list[float]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -476,9 +472,6 @@ def _torchrun_two_ranks(data: dict, out: Path, log_dir: Path, *extra: str) -> su
 def _check_two_rank_run(proc, out: Path, log_dir: Path) -> None:
     """Both ranks finished; at some step one rank had a text-only batch while the other had video; ONE complete
     output folder that reloads with logits equal to the trained model's."""
-    from transformers import AutoProcessor
-
-    from multimood import MultimoodForConditionalGeneration
 
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     assert "RANK 0 DONE 4" in proc.stdout and "RANK 1 DONE 4" in proc.stdout

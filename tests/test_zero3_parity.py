@@ -17,8 +17,15 @@ import pytest
 
 from multimood.training import train as mm_train
 from tests.optional_deps import import_or_skip
-from tests.test_training import RUN_SCRIPTS, _free_port, _logged_losses, _run_killing_group, _tiny_argv, _vocab
-from tests.test_training import sample_data  # noqa: F401  (the session fixture)
+from tests.test_training import (
+    RUN_SCRIPTS,
+    _free_port,
+    _logged_losses,
+    _run_killing_group,
+    _tiny_argv,
+    _vocab,
+    sample_data,  # noqa: F401  (the session fixture)
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
