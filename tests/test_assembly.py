@@ -49,7 +49,9 @@ def test_components_are_loaded_into_the_assembled_model(tmp_path, shared_data):
         assert set(reference) <= set(mine), sorted(set(reference) - set(mine))[:5]
         return all(torch.equal(mine[k], v) for k, v in reference.items())
 
-    assert same(inner.language_model, {k[len("model."):]: v for k, v in llm.state_dict().items() if k.startswith("model.")})
+    assert same(
+        inner.language_model, {k[len("model.") :]: v for k, v in llm.state_dict().items() if k.startswith("model.")}
+    )
     assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
     assert same(inner.vision_tower, vision.state_dict())
     assert same(inner.audio_tower, beats.state_dict())

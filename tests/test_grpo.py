@@ -38,7 +38,9 @@ BAD = "I am not sure what to say."
 
 
 def test_format_reward():
-    scores = R.format_reward(prompts=["p"] * 4, completions=[GOOD, PARTIAL, BAD, [{"role": "assistant", "content": GOOD}]])
+    scores = R.format_reward(
+        prompts=["p"] * 4, completions=[GOOD, PARTIAL, BAD, [{"role": "assistant", "content": GOOD}]]
+    )
     assert scores == [1.0, 0.75, 0.0, 1.0]
 
 

@@ -132,8 +132,21 @@ def test_upload_folder_loads_in_a_clean_process(built, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_LOAD, str(folder), json.dumps(QUERY), str(MAX_NEW), "1" if with_pipeline else "0"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            CLEAN_LOAD,
+            str(folder),
+            json.dumps(QUERY),
+            str(MAX_NEW),
+            "1" if with_pipeline else "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
@@ -166,9 +179,18 @@ def test_card_metadata_parses(built):
     meta = metadata_load(folder / "README.md")
     assert meta["model-index"][0]["name"] == "multimood-tiny" and len(meta["model-index"][0]["results"]) == 1
     text = card.text
-    for needle in ("| learning_rate | 2e-05 |", "| total_train_batch_size | 16 |", "| deepspeed | ZeRO-3 |",
-                   "| client_emotion_accuracy | 0.5100 | 0.5000 |", "non-commercial", "Risks of emotional-support",
-                   "Intended use and limitations", f'model="{REPO_ID}"', "988", "stc_connector_v35 (4 frames → 8 tokens)"):
+    for needle in (
+        "| learning_rate | 2e-05 |",
+        "| total_train_batch_size | 16 |",
+        "| deepspeed | ZeRO-3 |",
+        "| client_emotion_accuracy | 0.5100 | 0.5000 |",
+        "non-commercial",
+        "Risks of emotional-support",
+        "Intended use and limitations",
+        f'model="{REPO_ID}"',
+        "988",
+        "stc_connector_v35 (4 frames → 8 tokens)",
+    ):
         assert needle in text, needle
     assert "lora_r" not in text and "logging_dir" not in text
 
@@ -184,8 +206,14 @@ def test_card_base_models_and_template(tmp_path, shared_data):
     assert "No evaluation results" in card.text
 
     published = MultimoodConfig()  # the published sizes: Qwen2-1.5B-Instruct, SigLIP so400m, mamba-370m
-    card = render_model_card(published, processor=MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2"))
-    assert card.data.base_model == ["Qwen/Qwen2-1.5B-Instruct", "google/siglip-so400m-patch14-384", "state-spaces/mamba-370m-hf"]
+    card = render_model_card(
+        published, processor=MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2")
+    )
+    assert card.data.base_model == [
+        "Qwen/Qwen2-1.5B-Instruct",
+        "google/siglip-so400m-patch14-384",
+        "state-spaces/mamba-370m-hf",
+    ]
     assert "1352 tokens" in card.text and "1496 tokens" in card.text
     assert find_template().name == "model_card.md"
     custom = tmp_path / "card.md"

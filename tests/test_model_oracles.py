@@ -119,7 +119,9 @@ def logits_by_hand(model, batch: dict) -> torch.Tensor:
 def test_video_features_equal_siglip_select_layer_then_connector():
     model = sensitive_model()
     config = model.config
-    pixels = torch.randn(2, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(
+        2, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(1)
+    )
     expected = video_features_by_hand(model, pixels)
     assert expected.shape == (2, config.num_video_tokens(TINY_NUM_FRAMES), config.text_config.hidden_size)
     torch.testing.assert_close(model.get_video_features(pixels), expected, atol=1e-5, rtol=1e-5)
@@ -155,8 +157,9 @@ def test_stc_connector_equals_hand_forward(image_size: int, depth: int):
 @torch.no_grad()
 def test_memory_tokens_are_mamba_states_at_each_mem(compressor: str):
     model = sensitive_model(compressor=compressor)
-    batch = multimodal_batch(model.config, [{"text": 4, "history": 3}, {"text": 4, "history": 1}, {"text": 4, "history": 4}],
-                             seed=2)
+    batch = multimodal_batch(
+        model.config, [{"text": 4, "history": 3}, {"text": 4, "history": 1}, {"text": 4, "history": 4}], seed=2
+    )
     ids, mask = batch["history_input_ids"], batch["history_attention_mask"]
     assert (mask == 0).any()  # rows of different lengths, right-padded as the processor pads them
     expected = memory_tokens_by_hand(model, ids, mask)

@@ -93,7 +93,9 @@ def test_placeholder_mismatch_is_a_clear_error():
     broken = dict(batch, input_ids=batch["input_ids"].clone())
     broken["input_ids"][0, video_positions[0]] = 5
     expected = model.config.num_video_tokens(TINY_NUM_FRAMES)
-    with pytest.raises(ValueError, match=rf"video: sample 0 holds {expected - 1} placeholder tokens .* {expected} vectors"):
+    with pytest.raises(
+        ValueError, match=rf"video: sample 0 holds {expected - 1} placeholder tokens .* {expected} vectors"
+    ):
         model(**broken)
     with pytest.raises(ValueError, match="audio: 1 sample.* but 2 audio input"):
         model(**dict(batch, input_features=batch["input_features"].repeat(2, 1, 1)))
@@ -133,7 +135,12 @@ def regstage_params(depth: int, cin: int, cout: int) -> int:
 
 
 def beats_params(cfg) -> int:
-    d, f, heads, layers = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads, cfg.encoder_layers
+    d, f, heads, layers = (
+        cfg.encoder_embed_dim,
+        cfg.encoder_ffn_embed_dim,
+        cfg.encoder_attention_heads,
+        cfg.encoder_layers,
+    )
     patch = cfg.embed_dim * cfg.input_patch_size**2 + 2 * cfg.embed_dim + cfg.embed_dim * d + d
     pos_conv = d * (d // cfg.conv_pos_groups) * cfg.conv_pos + cfg.conv_pos + d  # weight_v, weight_g (per tap), bias
     layer = 4 * (d * d + d) + (d // heads) * 8 + 8 + heads + d * f + f + f * d + d + 4 * d
@@ -181,8 +188,12 @@ def new_tokens(output, batch) -> torch.Tensor:
 
 def assert_same_generation(got, expected, got_rows=slice(None), expected_rows=slice(None)) -> None:
     """Equal tokens, and at every step logits close to those of the oracle run."""
-    torch.testing.assert_close(got.sequences[got_rows, -len(got.logits):], expected.sequences[expected_rows, -len(expected.logits):],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.sequences[got_rows, -len(got.logits) :],
+        expected.sequences[expected_rows, -len(expected.logits) :],
+        rtol=0,
+        atol=0,
+    )
     assert len(got.logits) == len(expected.logits)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a[got_rows], b[expected_rows], atol=1e-4, rtol=1e-4, msg=f"step {step}")
@@ -207,7 +218,10 @@ def test_batched_generation_matches_one_by_one():
     media_index = {m: 0 for m in ("video", "audio", "history")}
     for i, sample in enumerate(ALL_MODALITIES):
         keep = batch["attention_mask"][i].bool()
-        one = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep]}
+        one = {
+            "input_ids": batch["input_ids"][i : i + 1, keep],
+            "attention_mask": batch["attention_mask"][i : i + 1, keep],
+        }
         if sample.get("video"):
             one["pixel_values_videos"] = batch["pixel_values_videos"][media_index["video"]][None]
         if sample.get("audio"):

@@ -110,7 +110,9 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
     assert not any("mamba_compressor" in n for n in trainable)
 
     projector_ids = {id(p) for n, p in peft_model.named_parameters() if p.requires_grad and "mm_projector" in n}
-    in_projector_groups = {id(p) for g in trainer.optimizer.param_groups if g["initial_lr"] == 1e-3 for p in g["params"]}
+    in_projector_groups = {
+        id(p) for g in trainer.optimizer.param_groups if g["initial_lr"] == 1e-3 for p in g["params"]
+    }
     assert projector_ids and in_projector_groups == projector_ids
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {3e-3, 1e-3}
 
@@ -148,20 +150,31 @@ def test_projector_lr_param_groups(tmp_path):
     assert len(groups) == 4
     grouped = [n for g in groups for n in g[0]]
     assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once
-    projector = {names[id(p)] for p in [*model.model.mm_projector.parameters(), *model.model.mm_projector_a.parameters()]}
+    projector = {
+        names[id(p)] for p in [*model.model.mm_projector.parameters(), *model.model.mm_projector_a.parameters()]
+    }
     for members, lr, _ in groups:
         assert members <= projector if lr == 2e-5 else not members & projector
     assert {n for g in groups if g[1] == 2e-5 for n in g[0]} == projector
     decayed = {n for g in groups if g[2] == 0.1 for n in g[0]}
-    for name in ("model.language_model.layers.0.self_attn.q_proj.weight", "model.mm_projector_a.weight",
-                 "model.mm_projector.s1.b1.conv1.conv.weight", "model.mamba_compressor.mamba.layers.0.mixer.in_proj.weight",
-                 "model.mamba_compressor.mamba.layers.0.mixer.A_log"):
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.mm_projector_a.weight",
+        "model.mm_projector.s1.b1.conv1.conv.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.in_proj.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.A_log",
+    ):
         assert name in decayed, name
-    for name in ("model.language_model.layers.0.self_attn.q_proj.bias", "model.language_model.norm.weight",
-                 "model.language_model.layers.0.input_layernorm.weight", "model.mm_projector_a.bias",
-                 "model.mm_projector.s1.b1.conv1.bn.weight",  # timm LayerNormAct2d, a LayerNorm
-                 "model.mamba_compressor.mamba.norm_f.weight", "model.mamba_compressor.mamba.layers.0.mixer.norm.weight",
-                 "model.mamba_compressor.mamba.layers.0.mixer.dt_bias"):
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj.bias",
+        "model.language_model.norm.weight",
+        "model.language_model.layers.0.input_layernorm.weight",
+        "model.mm_projector_a.bias",
+        "model.mm_projector.s1.b1.conv1.bn.weight",  # timm LayerNormAct2d, a LayerNorm
+        "model.mamba_compressor.mamba.norm_f.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.norm.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.dt_bias",
+    ):
         assert name in grouped and name not in decayed, name
     norms = [n for n, p in model.named_parameters() if p.requires_grad and "norm" in n.lower()]
     assert norms and not set(norms) & decayed
@@ -209,8 +222,12 @@ def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
     processor = build_processor(str(mixed_records["tokenizer"]), {"num_frames": 2, "image_size": 28})
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", seed=3,
                                                per_device_train_batch_size=2, group_by_modality_length=True)
-    trainer = MultimoodTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=records,
-                               data_collator=MultimoodDataCollator(processor, video_folder=str(mixed_records["videos"])))
+    trainer = MultimoodTrainer(
+        model=torch.nn.Linear(1, 1),
+        args=args,
+        train_dataset=records,
+        data_collator=MultimoodDataCollator(processor, video_folder=str(mixed_records["videos"])),
+    )
     loader = trainer.get_train_dataloader()
     sampler = loader.batch_sampler
     assert isinstance(sampler, ModalityLengthGroupedBatchSampler)
@@ -255,10 +272,18 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
     out = tmp_path / "qlora_script"
     config = json.loads(_tiny_argv(sample_data, out, _vocab(sample_data))[1])
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": "29563", "MODEL_PATH": str(sample_data["tokenizer"]), "DATA_PATH": str(sample_data["records"]),
-           "VID_FOLDER": str(sample_data["videos"]), "OUTPUT_DIR": str(out),
-           "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+        "NPROC_PER_NODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": "29563",
+        "MODEL_PATH": str(sample_data["tokenizer"]),
+        "DATA_PATH": str(sample_data["records"]),
+        "VID_FOLDER": str(sample_data["videos"]),
+        "OUTPUT_DIR": str(out),
+        "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}",
+    }
     extra = ["--model_config", json.dumps(config), "--vision_tower", "", "--mamba_compressor", "", "--audio_tower", "",
              "--num_frames", "4", "--image_size", "56", "--num_k_vid", "2", "--k_turn_history", "2",
              "--model_max_length", "1024", "--lora_r", "8", "--lora_alpha", "16", "--bf16", "False",
@@ -272,7 +297,9 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and "mamba_compressor" not in (adapter["modules_to_save"] or [])  # --freeze_mamba_compressor
+    assert adapter["r"] == 8 and "mamba_compressor" not in (
+        adapter["modules_to_save"] or []
+    )  # --freeze_mamba_compressor
     result = _reload_in_clean_process(out / "merged", sample_data["records"], sample_data["videos"])
     assert result["new_tokens"] > 0 and not result["module"].startswith("multimood.")
     shutil.rmtree(out, ignore_errors=True)
@@ -282,7 +309,9 @@ def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
     """--pretrain_mm_mlp_adapter / _a: the published per-projector files (keys `model.mm_projector[_a].*`)."""
     model = MultimoodForConditionalGeneration(tiny_config())
     video = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in model.model.mm_projector.state_dict().items()}
-    audio = {f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()}
+    audio = {
+        f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()
+    }
     torch.save(video, tmp_path / "mm_projector.bin")
     torch.save({**audio, "model.mm_projector.readout.0.weight": torch.zeros(1)}, tmp_path / "mm_projector_a.bin")
     before_audio = {k: v.clone() for k, v in model.model.mm_projector_a.state_dict().items()}
@@ -292,11 +321,15 @@ def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
         assert torch.equal(model.model.mm_projector.state_dict()[key[len("model.mm_projector."):]], value), key
     for key, value in before_audio.items():
         assert torch.equal(model.model.mm_projector_a.state_dict()[key], value), key  # untouched without _a
-    mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector_a.bin")))
+    mm_train.load_projector_files(
+        model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector_a.bin"))
+    )
     for key, value in audio.items():
         assert torch.equal(model.model.mm_projector_a.state_dict()[key[len("model.mm_projector_a."):]], value), key
     with pytest.raises(ValueError, match="no `mm_projector_a.\\*` tensors"):
-        mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector.bin")))
+        mm_train.load_projector_files(
+            model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector.bin"))
+        )
 
 
 def test_lora_weight_path_continues_a_saved_adapter(tmp_path):

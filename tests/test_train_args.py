@@ -20,14 +20,28 @@ ZERO3 = Path(__file__).resolve().parents[1] / "run_scripts" / "zero3.json"
 
 # field -> a value for it (None: a bare boolean flag is passed with an explicit value below)
 PUBLISHED_MODEL_FIELDS = {
-    "model_type": "videollama2_qwen2", "model_path": "Qwen/Qwen2-1.5B-Instruct", "num_k_vid": "5", "version": "v1",
-    "freeze_backbone": "False", "pretrain_projectors_repo": "DAMO-NLP-SG/VideoLLaMA2.1-7B-AV",
-    "mm_projector_type": "stc_connector_v35", "tune_mm_mlp_adapter": "False", "pretrain_mm_mlp_adapter": "mm_projector.bin",
-    "vision_tower": "google/siglip-so400m-patch14-384", "mm_vision_select_layer": "-2",
-    "mm_vision_select_feature": "patch", "audio_tower": "audio_tower.bin", "tune_audio_tower": "False",
-    "tune_mm_mlp_adapter_a": "False", "tune_adapter_llm": "True", "pretrain_mm_mlp_adapter_a": "mm_projector_a.bin",
-    "num_user_emotion_classes": "7", "num_system_emotion_classes": "7", "num_strategy_classes": "10",
-    "mamba_compressor": "state-spaces/mamba-370m-hf", "freeze_mamba_compressor": "True",
+    "model_type": "videollama2_qwen2",
+    "model_path": "Qwen/Qwen2-1.5B-Instruct",
+    "num_k_vid": "5",
+    "version": "v1",
+    "freeze_backbone": "False",
+    "pretrain_projectors_repo": "DAMO-NLP-SG/VideoLLaMA2.1-7B-AV",
+    "mm_projector_type": "stc_connector_v35",
+    "tune_mm_mlp_adapter": "False",
+    "pretrain_mm_mlp_adapter": "mm_projector.bin",
+    "vision_tower": "google/siglip-so400m-patch14-384",
+    "mm_vision_select_layer": "-2",
+    "mm_vision_select_feature": "patch",
+    "audio_tower": "audio_tower.bin",
+    "tune_audio_tower": "False",
+    "tune_mm_mlp_adapter_a": "False",
+    "tune_adapter_llm": "True",
+    "pretrain_mm_mlp_adapter_a": "mm_projector_a.bin",
+    "num_user_emotion_classes": "7",
+    "num_system_emotion_classes": "7",
+    "num_strategy_classes": "10",
+    "mamba_compressor": "state-spaces/mamba-370m-hf",
+    "freeze_mamba_compressor": "True",
 }
 PUBLISHED_DATA_FIELDS = {
     "data_path": "train.jsonl", "vid_folder": "videos", "data_folder": "videos", "k_cur_vid_user": "4",
@@ -105,7 +119,13 @@ def test_published_script_flag_sets_parse(flags, tmp_path):
     assert model_args.model_type == "videollama2_qwen2" and model_args.mm_vision_select_layer == -2
     assert args.warmup_steps == pytest.approx(0.03) and args.save_total_limit == 99
     if "--bits" in flags:
-        assert (args.bits, args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (4, True, 64, 128, 2e-5)
+        assert (args.bits, args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (
+            4,
+            True,
+            64,
+            128,
+            2e-5,
+        )
         assert not model_args.tune_compressor and data_args.num_frames == 8 and args.model_max_length == 5120
         assert args.quant_type == "nf4" and args.double_quant  # the published defaults
     else:
@@ -138,13 +158,21 @@ def test_finetune_qlora_launcher_flags(tmp_path):
         ("--tune_adapter_llm true --freeze_backbone True", (False, True, True, True)),
         ("--freeze_backbone", (False, True, True, True)),
         ("--freeze_mm_mlp_adapter True", (True, False, False, True)),
-        ("--tune_adapter_llm true --freeze_mm_mlp_adapter True --freeze_mamba_compressor true", (True, False, False, False)),
+        (
+            "--tune_adapter_llm true --freeze_mm_mlp_adapter True --freeze_mamba_compressor true",
+            (True, False, False, False),
+        ),
         ("--tune_adapter_llm false", (False, True, True, True)),
     ],
 )
 def test_published_trainable_switches(flags, expected, tmp_path):
     model_args = _parse(flags, tmp_path)[0]
-    got = (model_args.tune_llm, model_args.tune_mm_projector, model_args.tune_audio_projector, model_args.tune_compressor)
+    got = (
+        model_args.tune_llm,
+        model_args.tune_mm_projector,
+        model_args.tune_audio_projector,
+        model_args.tune_compressor,
+    )
     assert got == expected
 
 

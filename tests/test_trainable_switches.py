@@ -48,10 +48,24 @@ def parsed(tmp_path, *flags: str):
 SWITCH_CASES = {
     "defaults": ([], DEFAULT_ON),
     **{f"{switch} False": ([f"--{switch}", "False"], DEFAULT_ON - {switch}) for switch in sorted(DEFAULT_ON)},
-    **{f"{switch} True": ([f"--{switch}", "True"], DEFAULT_ON | {switch}) for switch in ("tune_vision_tower", "tune_audio_tower")},
-    "seed aliases": (["--tune_adapter_llm", "False", "--freeze_mamba_compressor", "True"], DEFAULT_ON - {"tune_llm", "tune_compressor"}),
-    "only the towers": ([*(x for s in sorted(DEFAULT_ON) for x in (f"--{s}", "False")), "--tune_vision_tower", "True",
-                         "--tune_audio_tower", "True"], {"tune_vision_tower", "tune_audio_tower"}),
+    **{
+        f"{switch} True": ([f"--{switch}", "True"], DEFAULT_ON | {switch})
+        for switch in ("tune_vision_tower", "tune_audio_tower")
+    },
+    "seed aliases": (
+        ["--tune_adapter_llm", "False", "--freeze_mamba_compressor", "True"],
+        DEFAULT_ON - {"tune_llm", "tune_compressor"},
+    ),
+    "only the towers": (
+        [
+            *(x for s in sorted(DEFAULT_ON) for x in (f"--{s}", "False")),
+            "--tune_vision_tower",
+            "True",
+            "--tune_audio_tower",
+            "True",
+        ],
+        {"tune_vision_tower", "tune_audio_tower"},
+    ),
 }
 
 

@@ -58,8 +58,14 @@ def _argv(data: dict, model: Path, output_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.timeout(1500)  # the first DeepSpeed run on a machine compiles its CPU shm-comm extension (minutes)
 def test_zero3_two_ranks_matches_single_process_losses(sample_data, tmp_path):  # noqa: F811
     import_or_skip("deepspeed", "train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
+    }
     script = str(RUN_SCRIPTS / "run_multimood.py")
     initial = _initial_model(sample_data, tmp_path / "initial")
 

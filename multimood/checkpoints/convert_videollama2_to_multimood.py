@@ -20,8 +20,8 @@ Renames (published -> multimood), everything else keeps its name:
 | `model.{embed_tokens,layers,norm}.*` | `model.language_model.*` |
 | `model.vision_tower.vision_tower.vision_model.*` | `model.vision_tower.*` (transformers 5 SigLIP layout) |
 | `model.mm_projector.{0,2}.*` (`mlp2x_gelu`) | `model.mm_projector.readout.{0,2}.*` |
-| `model.audio_tower.encoder.pos_conv.0.weight_g` / `weight_v` | `...pos_conv.0.parametrizations.weight.original0` / `original1` |
-| `model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight` | `model.audio_tower.encoder.relative_attention_bias.weight` |
+| `model.audio_tower.encoder.pos_conv.0.weight_g` / `_v` | `...pos_conv.0.parametrizations.weight.original0` / `1` |
+| `model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.*` | `...encoder.relative_attention_bias.*` |
 
 Tensors that are read but not used are reported, never dropped silently: the BEATs AudioSet classifier
 (`predictor.*`), the per-layer copies of the shared relative position bias (layers 1..N-1, checked equal
@@ -30,8 +30,8 @@ with tied embeddings. Unknown tensors are reported too (`--strict` makes them an
 to the log and to `conversion_report.json` in the output folder. A tensor the model needs and no source
 provides is an error that names it.
 
-The published profile: the output folder reproduces the published system, not only its weights, so
-`multimood predict` + `multimood evaluate` on it is the paper's protocol with no extra flags. Its processor gets the published
+The published profile: the output folder reproduces the published system, not only its weights, so `multimood
+predict` + `multimood evaluate` on it is the paper's protocol with no extra flags. Its processor gets the published
 frames per clip and aspect ratio (config.json's `num_frames` / `image_aspect_ratio`, else the published code's
 fallbacks 8 and `square`), `prompt_style` (default `"published-eval"`, the prompt of the published evaluation;
 `--prompt_style` chooses another), the published audio window rule (`audio_window_rule="pytorchvideo-0.1.5"`),
@@ -207,7 +207,10 @@ class ConversionReport:
 
     def log(self) -> None:
         logger.info("converted %d tensors from %s", len(self.renamed), self.source)
-        for title, entries, level in (("unused", self.unused, logging.WARNING), ("unknown", self.unknown, logging.WARNING)):
+        for title, entries, level in (
+            ("unused", self.unused, logging.WARNING),
+            ("unknown", self.unknown, logging.WARNING),
+        ):
             if entries:
                 logger.log(level, "%d %s tensor(s) in the checkpoint (see %s):", len(entries), title, REPORT_NAME)
                 for pattern, (count, reason) in group_keys(entries).items():
@@ -263,7 +266,9 @@ def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = N
         inferred["conv_pos"] = int(direction.shape[2])
         inferred["conv_pos_groups"] = int(direction.shape[0] // direction.shape[1])
     if "encoder_attention_heads" not in inferred and "encoder_attention_heads" not in kwargs:
-        raise ConversionError("BEATs: the number of attention heads is not visible in the tensors; pass --audio_tower with a cfg")
+        raise ConversionError(
+            "BEATs: the number of attention heads is not visible in the tensors; pass --audio_tower with a cfg"
+        )
     defaults = BeatsConfig()
     assumed = {
         name: kwargs.get(name, getattr(defaults, name))
@@ -283,7 +288,9 @@ def siglip_config_from_state(state: dict[str, torch.Tensor], name_hint: str | No
     patch = state.get("embeddings.patch_embedding.weight")
     positions = state.get("embeddings.position_embedding.weight")
     if patch is None or positions is None:
-        raise ConversionError("vision tower: missing required tensor embeddings.patch_embedding.weight / position_embedding.weight")
+        raise ConversionError(
+            "vision tower: missing required tensor embeddings.patch_embedding.weight / position_embedding.weight"
+        )
     hidden, channels, patch_size = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[-1])
     side = math.isqrt(int(positions.shape[0]))
     layers = {int(m.group(1)) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))}
@@ -398,7 +405,9 @@ def split_published(state: dict[str, torch.Tensor], report: ConversionReport) ->
                 rest = key[len(prefix):]
                 if block == "vision":
                     if rest.startswith("vision_model.head.") or rest.startswith("head."):
-                        report.unused[key] = "SigLIP attention-pooling head: MultiMood reads hidden states (vision_use_head=False)"
+                        report.unused[key] = (
+                            "SigLIP attention-pooling head: MultiMood reads hidden states (vision_use_head=False)"
+                        )
                         break
                     rest = _strip_vision_prefix(rest)
                 if block == "llm" and rest.endswith("rotary_emb.inv_freq"):
@@ -416,7 +425,9 @@ def _video_projector_layout(tensors: dict[str, torch.Tensor], declared: str | No
     """(mm_projector_type, connector kwargs) from the video projector tensors."""
     if any(k.startswith("s1.") for k in tensors):
         if declared not in (None, "stc_connector_v35"):
-            raise ConversionError(f"mm_projector_type {declared!r} is not supported (only stc_connector_v35 and mlp2x_gelu)")
+            raise ConversionError(
+                f"mm_projector_type {declared!r} is not supported (only stc_connector_v35 and mlp2x_gelu)"
+            )
         blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"^s1\.b(\d+)\.", k))}
         readout = {int(m.group(1)) for k in tensors if (m := re.match(r"^readout\.(\d+)\.weight$", k))}
         sampler = tensors.get("sampler.0.weight")
@@ -471,7 +482,9 @@ def _read_published_config(source: Path, report: ConversionReport) -> dict:
     published = read_json_config(config_path, ConversionError)
     model_type = str(published.get("model_type", ""))
     if "qwen2" not in model_type.lower():
-        raise ConversionError(f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)")
+        raise ConversionError(
+            f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)"
+        )
     qwen2_fields = _qwen2_fields()
     for key in published:
         if key in USED_CONFIG_KEYS or key in qwen2_fields:
@@ -495,7 +508,9 @@ def _vision_block(groups: _Groups, vision_tower, published: dict, report: Conver
     if groups.vision:
         report.other_sources["vision_tower"] = "checkpoint"
         if vision_tower is not None:
-            report.notes.append(f"--vision_tower {vision_tower}: only its config was used (the checkpoint holds the weights)")
+            report.notes.append(
+                f"--vision_tower {vision_tower}: only its config was used (the checkpoint holds the weights)"
+            )
     elif vision_tower is None:
         raise ConversionError(
             "the checkpoint holds no vision tower (model.vision_tower.vision_tower.vision_model.*) and no "
@@ -505,7 +520,9 @@ def _vision_block(groups: _Groups, vision_tower, published: dict, report: Conver
         folder, tensors = read_folder_weights(vision_tower)
         for key, value in tensors.items():
             if key.startswith(("text_model.", "logit_", "vision_model.head.", "head.")):
-                report.other_sources_unused[f"{folder.name}:{key}"] = "not part of the SigLIP vision encoder MultiMood uses"
+                report.other_sources_unused[f"{folder.name}:{key}"] = (
+                    "not part of the SigLIP vision encoder MultiMood uses"
+                )
             else:
                 groups.vision[_strip_vision_prefix(key)] = value
         report.other_sources["vision_tower"] = str(folder)
@@ -517,7 +534,8 @@ def _vision_block(groups: _Groups, vision_tower, published: dict, report: Conver
 
 
 def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tuple[dict, dict[str, str], dict]:
-    """(our-layout BEATs tensors, {our relative key: published key}, BEATs config) from the checkpoint or `audio_tower`."""
+    """(our-layout BEATs tensors, {our relative key: published key}, BEATs config) from the checkpoint or
+    `audio_tower`."""
     beats_cfg: dict = {}
     source_keys: dict[str, str] = {}
     if groups.audio:
@@ -528,7 +546,9 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
         report.other_sources["audio_tower"] = "checkpoint"
         if audio_tower is not None:
             _, beats_cfg = read_beats_checkpoint(audio_tower)
-            report.notes.append(f"--audio_tower {audio_tower}: only its cfg was used (the checkpoint holds the weights)")
+            report.notes.append(
+                f"--audio_tower {audio_tower}: only its cfg was used (the checkpoint holds the weights)"
+            )
     elif audio_tower is not None:
         unused = {}
         audio_state, beats_cfg = read_beats_checkpoint(audio_tower, unused)
@@ -536,7 +556,8 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
         report.other_sources["audio_tower"] = str(audio_tower)
     else:
         raise ConversionError(
-            "the checkpoint holds no audio tower (model.audio_tower.*) and no --audio_tower FILE (BEATs .pt/.bin) was given"
+            "the checkpoint holds no audio tower (model.audio_tower.*) and no --audio_tower FILE (BEATs .pt/.bin) "
+            "was given"
         )
     audio_config, inferred, assumed = beats_config_from_state(audio_state, beats_cfg)
     report.inferred["audio_config"] = inferred
@@ -582,7 +603,10 @@ def _text_block(groups: _Groups, published: dict, report: ConversionReport) -> d
     if embed is None:
         raise ConversionError("missing required tensor model.embed_tokens.weight")
     if published.get("vocab_size") not in (None, embed.shape[0]):
-        report.notes.append(f"vocab_size {published.get('vocab_size')} in config.json, {embed.shape[0]} in the tensors: using the tensors")
+        report.notes.append(
+            f"vocab_size {published.get('vocab_size')} in config.json, {embed.shape[0]} in the tensors: "
+            "using the tensors"
+        )
     text_config["vocab_size"] = int(embed.shape[0])
     tie = bool(published.get("tie_word_embeddings", False))
     if groups.lm_head is None and not tie:
@@ -718,7 +742,11 @@ def _check_complete(tensors: dict, expected: dict[str, tuple], config, source: P
         names = [f"{to_published_key(k, config) or k} (multimood: {k})" for k in missing]
         raise ConversionError(f"missing required tensor(s) in {source}: " + "; ".join(names[:20])
                               + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
-    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}" for k, v in tensors.items() if tuple(v.shape) != expected[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}"
+        for k, v in tensors.items()
+        if tuple(v.shape) != expected[k]
+    ]
     if wrong:
         raise ConversionError("tensor shapes do not match the inferred config: " + "; ".join(wrong[:10]))
     if strict and report.unknown:
@@ -1026,7 +1054,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a published MultiMood / VideoLLaMA 2 (Qwen2) checkpoint folder into a multimood folder "
                     "(or, with --to-published, a multimood folder into the published layout).",
     )
-    parser.add_argument("source", help="published checkpoint folder (config.json + weights), or a multimood folder with --to-published")
+    parser.add_argument(
+        "source", help="published checkpoint folder (config.json + weights), or a multimood folder with --to-published"
+    )
     parser.add_argument("output", help="output folder (must be empty or absent unless --overwrite)")
     parser.add_argument("--tokenizer", help="tokenizer folder for the processor (default: the checkpoint folder)")
     parser.add_argument("--vision_tower", "--vision-tower",
@@ -1040,9 +1070,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt_style", "--prompt-style", default="published-eval", choices=PROMPT_STYLES,
                         help="prompt style written into the processor (default: published-eval, the prompt of the "
                              "published evaluation; see docs/fidelity.md)")
-    parser.add_argument("--config_overrides", "--config-overrides",
-                        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"inject_history_memory\": true}'")
-    parser.add_argument("--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them")
+    parser.add_argument(
+        "--config_overrides",
+        "--config-overrides",
+        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"inject_history_memory\": true}'",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
     parser.add_argument("--to-published", "--to_published", dest="to_published", action="store_true",

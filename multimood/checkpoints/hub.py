@@ -153,11 +153,21 @@ def _load_config(model_or_folder):
 def _known_base(config, block: str) -> str | None:
     """The published base model a sub-config matches exactly, if any (for configs built without a name)."""
     known = {
-        "text": (QWEN2_1_5B_INSTRUCT, "Qwen/Qwen2-1.5B-Instruct",
-                 ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")),
-        "vision": (SIGLIP_SO400M_PATCH14_384, "google/siglip-so400m-patch14-384",
-                   ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")),
-        "compressor": (MAMBA_370M, "state-spaces/mamba-370m-hf", ("hidden_size", "num_hidden_layers", "state_size", "expand")),
+        "text": (
+            QWEN2_1_5B_INSTRUCT,
+            "Qwen/Qwen2-1.5B-Instruct",
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+        ),
+        "vision": (
+            SIGLIP_SO400M_PATCH14_384,
+            "google/siglip-so400m-patch14-384",
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size"),
+        ),
+        "compressor": (
+            MAMBA_370M,
+            "state-spaces/mamba-370m-hf",
+            ("hidden_size", "num_hidden_layers", "state_size", "expand"),
+        ),
     }
     if block not in known or config is None:
         return None
@@ -327,11 +337,14 @@ def _describe(block: str, config, name: str | None) -> str:
         sizes = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}"
         return f"{name or 'Qwen2'} ({sizes})"
     if block == "vision":
-        return f"{name or 'SigLIP'} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.image_size} px)"
+        sizes = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.image_size} px"
+        return f"{name or 'SigLIP'} ({sizes})"
     if block == "audio":
         return f"{name or 'BEATs'} ({config.encoder_layers} layers, hidden {config.encoder_embed_dim})"
-    return (f"{name or config.model_type.capitalize()} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), "
-            "memory tokens replace the `<history>` placeholders")
+    return (
+        f"{name or config.model_type.capitalize()} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), "
+        "memory tokens replace the `<history>` placeholders"
+    )
 
 
 def _card_processor(folder: Path | None, processor: MultimoodProcessor | None) -> MultimoodProcessor | None:
@@ -413,8 +426,8 @@ def render_model_card(
         "model_name": name,
         "repo_id": repo_id,
         "license": license,
-        **{f"{block}_base_model": _describe(block, getattr(config, f"{sub}_config"), bases.get(block))
-           for block, sub in (("text", "text"), ("vision", "vision"), ("audio", "audio"), ("compressor", "compressor"))},
+        **{f"{block}_base_model": _describe(block, getattr(config, f"{block}_config"), bases.get(block))
+           for block in ("text", "vision", "audio", "compressor")},
         "mm_projector_type": config.mm_projector_type,
         "mm_projector_a_type": config.mm_projector_a_type,
         **media_values(processor),
@@ -498,7 +511,9 @@ def prepare_upload_folder(
         complete_model_folder(folder, processor)
     else:
         if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
-            raise TypeError("a PEFT model: merge the adapters first (model.merge_and_unload()) or pass the merged folder")
+            raise TypeError(
+                "a PEFT model: merge the adapters first (model.merge_and_unload()) or pass the merged folder"
+            )
         if processor is None:
             raise ValueError("processor is required when model is a model object")
         save_model_folder(model, processor, folder)
@@ -571,13 +586,16 @@ def check_hub_reachable(repo_id: str, endpoint: str | None = None, timeout: floa
     offline = [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(name, "").upper() in _TRUE]
     if offline or constants.HF_HUB_OFFLINE:
         raise RuntimeError(
-            f"cannot push to the Hub repo {repo_id!r}: offline mode is on ({', '.join(offline) or 'HF_HUB_OFFLINE'}=1); "
+            f"cannot push to the Hub repo {repo_id!r}: offline mode is on "
+            f"({', '.join(offline) or 'HF_HUB_OFFLINE'}=1); "
             "unset it to upload, or use --dry-run to only build the folder"
         )
     url = urlparse(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise RuntimeError(f"cannot push to the Hub repo {repo_id!r}: invalid endpoint {endpoint!r}")
-    probe = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="GET", headers={"User-Agent": "multimood"})
+    probe = urllib.request.Request(
+        f"{endpoint}/api/models/{repo_id}", method="GET", headers={"User-Agent": "multimood"}
+    )
     try:
         with urllib.request.urlopen(probe, timeout=timeout):
             pass
@@ -587,7 +605,8 @@ def check_hub_reachable(repo_id: str, endpoint: str | None = None, timeout: floa
         reason = getattr(error, "reason", error)
         raise RuntimeError(
             f"cannot push to the Hub repo {repo_id!r}: {endpoint} did not answer within {timeout:g} s "
-            f"({type(reason).__name__}: {reason}); check the network or HF_ENDPOINT, or use --dry-run to only build the folder"
+            f"({type(reason).__name__}: {reason}); check the network or HF_ENDPOINT, or use --dry-run to only build "
+            "the folder"
         ) from error
     return endpoint
 
@@ -623,7 +642,9 @@ def push_to_hub(
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " (authenticate with `hf auth login` or pass a token with write access)" if status in (401, 403) else ""
-        raise RuntimeError(f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}{hint}") from error
+        raise RuntimeError(
+            f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}{hint}"
+        ) from error
     except OSError as error:  # connection errors (httpx errors are OSErrors here too)
         raise RuntimeError(f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}") from error
     except Exception as error:  # noqa: BLE001 - httpx transport errors and the like: always name the repo
@@ -643,11 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "model card) and upload it.",
     )
     parser.add_argument("--model", required=True, help="saved multimood folder (model and processor files)")
-    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="Hub repo, e.g. user/multimood-7b")
-    parser.add_argument("--eval-results", "--eval_results", dest="eval_results", help="metrics JSON of `multimood evaluate`")
+    parser.add_argument(
+        "--repo-id", "--repo_id", dest="repo_id", required=True, help="Hub repo, e.g. user/multimood-7b"
+    )
+    parser.add_argument(
+        "--eval-results", "--eval_results", dest="eval_results", help="metrics JSON of `multimood evaluate`"
+    )
     parser.add_argument("--training-args", "--training_args", dest="training_args",
                         help="training arguments JSON (TrainingArguments.to_dict() or a dict of hyper-parameters)")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"licence of the weights (default {DEFAULT_LICENSE})")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"licence of the weights (default {DEFAULT_LICENSE})"
+    )
     parser.add_argument("--dataset", action="append", dest="datasets", help="dataset id for the card (repeatable)")
     parser.add_argument("--dataset-name", "--dataset_name", dest="dataset_name", help="evaluation dataset name (MESC)")
     parser.add_argument("--dataset-split", "--dataset_split", dest="dataset_split", default="test")
@@ -671,8 +698,11 @@ def push_main(argv: list[str] | None = None) -> int:
     for item in args.base_model:
         block, _, name = item.partition("=")
         if block not in ("text", "vision", "audio", "compressor") or not name:
-            print(f"multimood push: error: --base-model {item!r}: expected BLOCK=ID with BLOCK text|vision|audio|compressor",
-                  file=sys.stderr)
+            print(
+                f"multimood push: error: --base-model {item!r}: expected BLOCK=ID with BLOCK "
+                "text|vision|audio|compressor",
+                file=sys.stderr,
+            )
             return 2
         bases[block] = name
     card_kwargs = dict(repo_id=args.repo_id, license=args.license, datasets=args.datasets,

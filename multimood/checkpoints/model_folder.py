@@ -29,7 +29,11 @@ class ModelFolderError(MultimoodError):
 
 def is_hub_id(value: Any) -> bool:
     """`owner/name` that is not a local path: a Hub repo id."""
-    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not os.path.exists(value)
+    return (
+        isinstance(value, str)
+        and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value))
+        and not os.path.exists(value)
+    )
 
 
 def read_json_config(path: Path, error: type[MultimoodError]) -> dict:

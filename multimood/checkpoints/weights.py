@@ -27,7 +27,13 @@ from ..model.records import MultimoodError
 logger = logging.getLogger("multimood.checkpoints.weights")
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_PATTERNS = ("model.safetensors", "pytorch_model.bin", "model-*.safetensors", "pytorch_model-*.bin", "*.safetensors")
+WEIGHT_PATTERNS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model-*.safetensors",
+    "pytorch_model-*.bin",
+    "*.safetensors",
+)
 PROJECTOR_KEY = "mm_projector"  # the video connector `mm_projector.*` and the audio projector `mm_projector_a.*`
 
 BEATS_WEIGHT_NORM = {
@@ -100,7 +106,9 @@ def list_weight_files(folder: str | os.PathLike) -> list[Path]:
         files = sorted(folder.glob(pattern))
         if files:
             return files
-    raise WeightFileError(f"{folder}: no weights found (expected an index json, model*.safetensors or pytorch_model*.bin)")
+    raise WeightFileError(
+        f"{folder}: no weights found (expected an index json, model*.safetensors or pytorch_model*.bin)"
+    )
 
 
 def read_state_dict(

@@ -179,7 +179,9 @@ class MultimoodConfig(PreTrainedConfig):
         self.connector_downsample = tuple(self.connector_downsample)
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         if self.mm_projector_type not in ("stc_connector_v35", "mlp2x_gelu"):
-            raise ValueError(f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}")
+            raise ValueError(
+                f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}"
+            )
         if self.video_frame_pooling not in ("none", "mean"):
             raise ValueError(f"video_frame_pooling must be 'none' or 'mean', got {self.video_frame_pooling!r}")
         if self.video_frame_pooling == "mean" and self.mm_projector_type != "mlp2x_gelu":
@@ -188,7 +190,8 @@ class MultimoodConfig(PreTrainedConfig):
             raise ValueError(f"mm_projector_a_type must be 'linear' or 'mlp2x_gelu', got {self.mm_projector_a_type!r}")
         if self.compressor_config is not None and self.compressor_config.model_type not in ("mamba", "mamba2"):
             raise ValueError(
-                f"compressor_config must be a Mamba or Mamba2 config, got model_type {self.compressor_config.model_type!r}"
+                "compressor_config must be a Mamba or Mamba2 config, "
+                f"got model_type {self.compressor_config.model_type!r}"
             )
 
     @property

@@ -35,7 +35,9 @@ QWEN2_MODEL_TYPES = ("videollama2_qwen2", "qwen2", "multimood", "multimood_qwen2
 class TuneArguments:
     """Which blocks train (SFT and GRPO): the others are frozen."""
 
-    tune_llm: bool = field(default=True, metadata={"help": "Train the LLM (fully, or its LoRA adapters with --lora_enable)."})
+    tune_llm: bool = field(
+        default=True, metadata={"help": "Train the LLM (fully, or its LoRA adapters with --lora_enable)."}
+    )
     tune_mm_projector: bool = field(default=True, metadata={"help": "Train the video connector."})
     tune_audio_projector: bool = field(default=True, metadata={"help": "Train the audio projector."})
     tune_compressor: bool = field(default=True, metadata={"help": "Train the history compressor."})
@@ -53,9 +55,12 @@ class LoraArguments:
     lora_dropout: float = 0.05
     lora_bias: str = "none"
     lora_target_modules: str | None = field(
-        default=None, metadata={"help": "Comma-separated LLM linear names (default: all attention and MLP projections)."}
+        default=None,
+        metadata={"help": "Comma-separated LLM linear names (default: all attention and MLP projections)."},
     )
-    merge_lora: bool = field(default=True, metadata={"help": "With LoRA, also write a merged full model to output_dir/merged."})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "With LoRA, also write a merged full model to output_dir/merged."}
+    )
 
 
 @dataclass
@@ -70,14 +75,20 @@ class ModelArguments(TuneArguments):
         default=None,
         metadata={"help": "Qwen2 LLM folder / Hub id, or a saved multimood folder to continue training from."},
     )
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder / id (default: --model_path)."})
+    tokenizer_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder / id (default: --model_path)."}
+    )
     model_config: str | None = field(
         default=None,
-        metadata={"help": "JSON file or JSON string of MultimoodConfig kwargs (builds a random model without checkpoints)."},
+        metadata={
+            "help": "JSON file or JSON string of MultimoodConfig kwargs (builds a random model without checkpoints)."
+        },
     )
     vision_tower: str | None = field(default=None, metadata={"help": "SigLIP folder / Hub id (config and weights)."})
     mamba_compressor: str | None = field(default=None, metadata={"help": "Mamba / Mamba2 folder / Hub id."})
-    audio_tower: str | None = field(default=None, metadata={"help": "BEATs checkpoint file (.pt/.bin, read with weights_only=True)."})
+    audio_tower: str | None = field(
+        default=None, metadata={"help": "BEATs checkpoint file (.pt/.bin, read with weights_only=True)."}
+    )
     pretrain_projectors_repo: str | None = field(
         default=None,
         metadata={"help": "Folder / Hub id / file with pretrained `mm_projector*` weights (e.g. VideoLLaMA2.1-AV); "
@@ -95,16 +106,26 @@ class ModelArguments(TuneArguments):
         default=False, metadata={"help": "Published stage switch: train the video connector only (with "
                                         "--tune_mm_mlp_adapter_a: both projectors only)."})
     tune_mm_mlp_adapter_a: bool = field(
-        default=False, metadata={"help": "Published stage switch: train the audio projector only (see --tune_mm_mlp_adapter)."})
+        default=False,
+        metadata={"help": "Published stage switch: train the audio projector only (see --tune_mm_mlp_adapter)."},
+    )
     pretrain_mm_mlp_adapter: str | None = field(
-        default=None, metadata={"help": "File / folder / Hub id whose `mm_projector.*` tensors initialise the video connector."})
+        default=None,
+        metadata={"help": "File / folder / Hub id whose `mm_projector.*` tensors initialise the video connector."},
+    )
     pretrain_mm_mlp_adapter_a: str | None = field(
-        default=None, metadata={"help": "File / folder / Hub id whose `mm_projector_a.*` tensors initialise the audio projector."})
+        default=None,
+        metadata={"help": "File / folder / Hub id whose `mm_projector_a.*` tensors initialise the audio projector."},
+    )
     mm_vision_select_feature: str | None = field(
         default=None, metadata={"help": "Published: `patch` (the only value here: SigLIP has no CLS token)."})
-    version: str | None = field(default=None, metadata={"help": "Published, no effect: the processor's chat template formats prompts."})
+    version: str | None = field(
+        default=None, metadata={"help": "Published, no effect: the processor's chat template formats prompts."}
+    )
     num_user_emotion_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
-    num_system_emotion_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
+    num_system_emotion_classes: int | None = field(
+        default=None, metadata={"help": "Published (SMES heads), no effect."}
+    )
     num_strategy_classes: int | None = field(default=None, metadata={"help": "Published (SMES heads), no effect."})
 
 
@@ -140,8 +161,12 @@ class DataArguments:
                           "in OUTPUT_DIR/bad_samples.jsonl. Clips are probed once before training."},
     )
     data_folder: str | None = field(default=None, metadata={"help": "Published (VideoLLaMA2) name of --vid_folder."})
-    is_multimodal: bool | None = field(default=None, metadata={"help": "Published, no effect: media follow the records."})
-    lazy_preprocess: bool | None = field(default=None, metadata={"help": "Published, no effect: records are always processed lazily."})
+    is_multimodal: bool | None = field(
+        default=None, metadata={"help": "Published, no effect: media follow the records."}
+    )
+    lazy_preprocess: bool | None = field(
+        default=None, metadata={"help": "Published, no effect: records are always processed lazily."}
+    )
 
 
 @dataclass
@@ -156,18 +181,28 @@ class MultimoodTrainingArguments(LoraArguments, TrainingArguments):
         metadata={"help": "Seed flag: fraction of the steps used for warm-up; mapped onto `warmup_steps` "
                           "(a float in [0, 1) is a ratio in transformers 5)."},
     )
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads raw records."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator reads raw records."}
+    )
     lora_weight_path: str | None = field(
-        default=None, metadata={"help": "A saved LoRA adapter folder to continue training from (its own r / alpha / targets)."})
+        default=None,
+        metadata={"help": "A saved LoRA adapter folder to continue training from (its own r / alpha / targets)."},
+    )
     bits: int = field(
         default=16, metadata={"help": "4 or 8: load the LLM's linear layers in 4-bit / 8-bit (bitsandbytes) for QLoRA "
                                       "(needs --lora_enable True); 16: no quantization.", "choices": [4, 8, 16]})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4.", "choices": ["nf4", "fp4"]})
     double_quant: bool = field(default=True, metadata={"help": "4-bit: quantize the quantization constants too."})
     mm_projector_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the video connector and audio projector (their own optimizer groups)."})
+        default=None,
+        metadata={"help": "Learning rate of the video connector and audio projector (their own optimizer groups)."},
+    )
     freeze_mm_mlp_adapter: bool = field(
-        default=False, metadata={"help": "Published: True freezes both projectors (--tune_mm_projector False --tune_audio_projector False)."})
+        default=False,
+        metadata={
+            "help": "Published: True freezes both projectors (--tune_mm_projector False --tune_audio_projector False)."
+        },
+    )
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "Batches of one modality (with clips / text-only), grouped by length."})
     save_safetensors: bool | None = field(
@@ -212,7 +247,9 @@ def parse_args(argv: list[str] | None = None):
         data_args.num_k_vid = data_args.k_cur_vid_user
     apply_published_flags(model_args, data_args, training_args)
     if model_args.model_type.lower() not in QWEN2_MODEL_TYPES and "qwen2" not in model_args.model_type.lower():
-        raise ValueError(f"--model_type {model_args.model_type!r}: only the Qwen2 family is supported ({QWEN2_MODEL_TYPES})")
+        raise ValueError(
+            f"--model_type {model_args.model_type!r}: only the Qwen2 family is supported ({QWEN2_MODEL_TYPES})"
+        )
     return model_args, data_args, training_args
 
 
@@ -354,6 +391,10 @@ def check_training_flags(model_args: ModelArguments, data_args: DataArguments,
         if path:
             count = sum(1 for _ in iter_records(path, require_targets=True, label_set=label_set))
             if count == 0:
-                fail(f"--data_path {path}: no records" if path == data_args.data_path else f"--eval_data_path {path}: no records")
+                fail(
+                    f"--data_path {path}: no records"
+                    if path == data_args.data_path
+                    else f"--eval_data_path {path}: no records"
+                )
 
 

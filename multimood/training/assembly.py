@@ -111,7 +111,9 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what
         if missing:
             logger.warning("%s: %d weights not in the checkpoint (kept random): %s", what, len(missing), missing[:8])
         if result.unexpected_keys:
-            logger.warning("%s: %d unused checkpoint tensors: %s", what, len(result.unexpected_keys), result.unexpected_keys[:8])
+            logger.warning(
+                "%s: %d unused checkpoint tensors: %s", what, len(result.unexpected_keys), result.unexpected_keys[:8]
+            )
     logger.info("loaded %s (%d tensors)", what, len(state_dict))
 
 

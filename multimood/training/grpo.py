@@ -258,8 +258,11 @@ class GRPOScriptArguments(TuneArguments, LoraArguments):
     preset: str | None = field(default=None, metadata={"help": PAPER_PRESET_HELP})
     reward_weights_spec: str | None = field(
         default=None,
-        metadata={"help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
-                          f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."})
+        metadata={
+            "help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
+            f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."
+        },
+    )
     similarity_model: str | None = field(default=None, metadata={"help": "Similarity model: a local folder or a Hub "
                                                                            "id (BAAI/bge-m3 in the paper)."})
     similarity_scoring: Literal["embedding", "bge-m3-hybrid"] = field(
@@ -273,18 +276,29 @@ class GRPOScriptArguments(TuneArguments, LoraArguments):
     similarity_pooling: str = field(default="mean", metadata={"help": "embedding scoring: mean or cls pooling."})
     similarity_device: str = field(default="cpu", metadata={"help": "Device of the similarity model (cpu, cuda:0...)."})
     similarity_whole_if_unparsed: bool = field(
-        default=False, metadata={"help": "Score the whole completion when it has no `Response:` line (else it scores 0)."})
-    judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."})
+        default=False,
+        metadata={"help": "Score the whole completion when it has no `Response:` line (else it scores 0)."},
+    )
+    judge_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."}
+    )
     judge_model: str | None = field(default=None, metadata={"help": "Model name sent to the judge endpoint."})
-    judge_api_key_env: str = field(default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."})
+    judge_api_key_env: str = field(
+        default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."}
+    )
     judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request (then the failure score)."})
     judge_rule: Literal["multimood", "published"] = field(
         default="multimood",
         metadata={"help": "multimood: mean of the 7 scores rescaled to [0, 1], a logged neutral 0.5 when the judge "
                           "fails. published: mean of the 7 scores on 0-10, a missing dimension counts 0, a failed "
                           "request gives 0 (logged)."})
-    judge_context: bool = field(default=True, metadata={"help": "Show the judge the conversation (the prompt) and "
-                                                                  "the response; False: the response alone (published)."})
+    judge_context: bool = field(
+        default=True,
+        metadata={
+            "help": "Show the judge the conversation (the prompt) and "
+            "the response; False: the response alone (published)."
+        },
+    )
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (published: 0.2)."})
     judge_max_tokens: int = field(default=200, metadata={"help": "Judge reply length limit (published: 1000)."})
     judge_system_prompt_file: str | None = field(
@@ -373,8 +387,12 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
                 raise ValueError("the similarity reward needs --similarity_model")
             if script.similarity_scoring == "bge-m3-hybrid":
                 mode_weights = _floats(script.similarity_hybrid_weights, "similarity_hybrid_weights")
-                func = BGEM3SimilarityReward(script.similarity_model, device=script.similarity_device,
-                                             weights=mode_weights, whole_if_unparsed=script.similarity_whole_if_unparsed)
+                func = BGEM3SimilarityReward(
+                    script.similarity_model,
+                    device=script.similarity_device,
+                    weights=mode_weights,
+                    whole_if_unparsed=script.similarity_whole_if_unparsed,
+                )
             else:
                 func = SimilarityReward(script.similarity_model, device=script.similarity_device,
                                         pooling=script.similarity_pooling,

@@ -184,9 +184,13 @@ def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def _tokenizer_corpus(records: list[dict]) -> list[str]:
     labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
-    texts = [DEFAULT_SYSTEM_PROMPT, *labels, "Problem type: Situation: Client's video and voice: Earlier conversation (memory):",
-             "Client emotion: Therapist emotion: Strategy: Response: Client: Therapist:",
-             "Answer in exactly four lines: one of the labels, the therapist's reply."]
+    texts = [
+        DEFAULT_SYSTEM_PROMPT,
+        *labels,
+        "Problem type: Situation: Client's video and voice: Earlier conversation (memory):",
+        "Client emotion: Therapist emotion: Strategy: Response: Client: Therapist:",
+        "Answer in exactly four lines: one of the labels, the therapist's reply.",
+    ]
     for record in records:
         for value in record.values():
             if isinstance(value, str):
@@ -215,7 +219,12 @@ def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_si
     added = {}
     for token in SPECIAL_TOKENS:
         added[str(len(vocab) + len(added))] = {
-            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
     (output_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": False, "errors": "replace", "model_max_length": 32768,
@@ -233,8 +242,14 @@ def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_si
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimood quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (replaced if it holds an earlier model)")
-    parser.add_argument("--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one")
+    parser.add_argument(
+        "--output_dir",
+        default="outputs/quickstart",
+        help="model folder to write (replaced if it holds an earlier model)",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one"
+    )
     parser.add_argument("--max_steps", type=int, default=DEFAULT_STEPS, help="training steps (tests use a few)")
     parser.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--num_frames", type=int, default=4)
@@ -355,7 +370,10 @@ def _print_heldout(heldout: list[dict], answers: list[dict], golds: list[dict], 
     print(f"[quickstart] accuracy on the {len(heldout)} held-out turns of {dialogues} dialogues "
           "(majority-label baseline in brackets):")
     for field, item in report.items():
-        print(f"  {field:<18} {item['accuracy']:.2f}   (always {item['majority_label']!r}: {item['majority_baseline']:.2f})")
+        print(
+            f"  {field:<18} {item['accuracy']:.2f}   "
+            f"(always {item['majority_label']!r}: {item['majority_baseline']:.2f})"
+        )
 
 
 def run(args: argparse.Namespace) -> dict:

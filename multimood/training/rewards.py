@@ -624,8 +624,11 @@ class JudgeReward:
 # ----------------------------------------------------------------------------------------------
 
 
-def combine_rewards(rewards: dict[str, Callable] | Sequence[Callable], weights: dict[str, float] | Sequence[float] | None = None,
-                    name: str = "combined") -> Callable:
+def combine_rewards(
+    rewards: dict[str, Callable] | Sequence[Callable],
+    weights: dict[str, float] | Sequence[float] | None = None,
+    name: str = "combined",
+) -> Callable:
     """One reward callable: the weighted element-wise average of `rewards` per completion
     (`sum_k w_k r_k / sum_k w_k`, over the rewards that scored the completion, i.e. did not return None).
 
@@ -661,7 +664,9 @@ def combine_rewards(rewards: dict[str, Callable] | Sequence[Callable], weights: 
                 continue
             values = list(func(prompts=prompts, completions=completions, **kwargs))
             if len(values) != n:
-                raise ValueError(f"reward {getattr(func, '__name__', func)!r} returned {len(values)} values for {n} completions")
+                raise ValueError(
+                    f"reward {getattr(func, '__name__', func)!r} returned {len(values)} values for {n} completions"
+                )
             for i, value in enumerate(values):
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     continue

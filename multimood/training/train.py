@@ -162,7 +162,8 @@ def decay_parameter_names(model: torch.nn.Module) -> set[str]:
 
 def modality_lengths(dataset) -> list[int]:
     """Per record, its words (client fragments, therapist answer, chat history, situation), positive when the record
-    has client clips (video and audio) and negative when it is text-only: the published `modality_lengths` convention."""
+    has client clips (video and audio) and negative when it is text-only: the published `modality_lengths`
+    convention."""
     lengths = []
     for record in dataset:
         texts = [*record["utt_user_most_recent"], *record["Utterance"], record.get("situation") or "",
