@@ -341,10 +341,13 @@ def test_round_trip_to_published(published, tmp_path):
     # and the exported folder converts again
     shutil.copyfile(out / "tokenizer.json", tmp_path / "back" / "tokenizer.json")
     again = convert(tmp_path / "back", tmp_path / "again", vision_tower=published[3],
-                    config_overrides={"audio_config": {"max_distance": 64}})
+                    config_overrides={"audio_config": {"max_distance": 64}, "num_k_vid": 3})
     assert not again.unknown and set(again.unused) == {
         "model.audio_tower.encoder.layers.1.self_attn.relative_attention_bias.weight", "lm_head.weight"
     }
+    # a processor setting among the overrides goes to the processor, not the config
+    assert "num_k_vid" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert json.loads((tmp_path / "again" / "processor_config.json").read_text())["video_processor"]["num_k_vid"] == 3
 
 
 def test_read_beats_checkpoint_reports_unused(tmp_path):

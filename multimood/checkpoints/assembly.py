@@ -55,6 +55,13 @@ def set_media_settings(processor: MultimoodProcessor, settings: Mapping[str, Any
             setattr(processor, name, value)
 
 
+def split_processor_settings(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(MultimoodConfig kwargs, processor settings) of config kwargs that may still carry the media settings
+    configs of earlier versions held (`PROCESSOR_SETTING_KEYS`: frames, clips, audio windows...)."""
+    settings = {key: value for key, value in kwargs.items() if key in PROCESSOR_SETTING_KEYS}
+    return {key: value for key, value in kwargs.items() if key not in settings}, settings
+
+
 def build_processor(
     tokenizer: str | os.PathLike | Any, settings: Mapping[str, Any] | None = None, **processor_kwargs: Any
 ) -> MultimoodProcessor:
@@ -99,6 +106,7 @@ def fit_config_to_processor(kwargs: dict, processor: MultimoodProcessor, vocab_s
 
 __all__ = [
     "build_processor",
+    "split_processor_settings",
     "fit_config_to_processor",
     "fit_processor_to_model",
     "set_media_settings",

@@ -73,7 +73,13 @@ from ..model.modeling_multimood import MultimoodForConditionalGeneration
 from ..model.processing_multimood import PROMPT_STYLES, MultimoodProcessor
 from ..model.records import MultimoodError
 from ..model.video_processing_multimood import MultimoodVideoProcessor
-from .assembly import build_processor, fit_config_to_processor, fit_processor_to_model
+from .assembly import (
+    build_processor,
+    fit_config_to_processor,
+    fit_processor_to_model,
+    set_media_settings,
+    split_processor_settings,
+)
 from .model_folder import (
     PROCESSOR_CONFIG_NAME,
     check_model_folder,
@@ -877,7 +883,9 @@ def _published_model_config(
             "which the published LLM never received"
         )
     if config_overrides:
-        kwargs = _merge_overrides(kwargs, config_overrides)
+        overrides, settings = split_processor_settings(config_overrides)
+        kwargs = _merge_overrides(kwargs, overrides)
+        set_media_settings(processor, settings)  # frames, clips, audio windows: the processor's
         report.notes.append(f"config overrides applied: {json.dumps(config_overrides, default=str)}")
     return MultimoodConfig(**kwargs), audio_state, audio_source_keys
 
@@ -1073,7 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config_overrides",
         "--config-overrides",
-        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"inject_history_memory\": true}'",
+        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"inject_history_memory\": true}'; "
+        "processor settings in it (num_frames, num_k_vid, audio_num_windows...) go to the processor",
     )
     parser.add_argument(
         "--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them"

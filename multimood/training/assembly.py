@@ -25,10 +25,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipVisi
 from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from ..checkpoints.assembly import build_processor, fit_config_to_processor, fit_processor_to_model, set_media_settings
+from ..checkpoints.assembly import (
+    build_processor,
+    fit_config_to_processor,
+    fit_processor_to_model,
+    set_media_settings,
+    split_processor_settings,
+)
 from ..checkpoints.model_folder import is_multimood_folder
 from ..checkpoints.weights import beats_config_from_cfg, projector_weights, read_beats_checkpoint
-from ..model.configuration_multimood import PROCESSOR_SETTING_KEYS, MultimoodConfig
+from ..model.configuration_multimood import MultimoodConfig
 from ..model.modeling_multimood import MultimoodForConditionalGeneration
 from ..model.processing_multimood import MultimoodProcessor
 from .arguments import (
@@ -120,13 +126,6 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what
 # ----------------------------------------------------------------------------------------------
 # Processor and config
 # ----------------------------------------------------------------------------------------------
-
-
-def split_model_config(model_config: dict) -> tuple[dict, dict]:
-    """(MultimoodConfig kwargs, processor settings) of a `--model_config`: its `PROCESSOR_SETTING_KEYS` (frames,
-    clips, audio windows..., which configs of earlier versions held) are settings of the processor."""
-    settings = {key: value for key, value in model_config.items() if key in PROCESSOR_SETTING_KEYS}
-    return {key: value for key, value in model_config.items() if key not in settings}, settings
 
 
 def media_flags(data_args: DataArguments) -> dict:
@@ -234,7 +233,7 @@ def load_pretrained_parts(model, model_args: ModelArguments, load_llm: bool) -> 
 def _assemble_new_model(model_args: ModelArguments, data_args: DataArguments,
                         training_args: MultimoodTrainingArguments):
     """(model, processor) of a new model: the config of the parts, their pretrained weights."""
-    architecture, settings = split_model_config(read_model_config(model_args.model_config))
+    architecture, settings = split_processor_settings(read_model_config(model_args.model_config))
     processor = processor_from_args(model_args, data_args, training_args, settings)
     config = config_from_args(model_args, processor, architecture)
     _check_frame_size(data_args.image_size or settings.get("image_size"), config)
