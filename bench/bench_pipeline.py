@@ -34,21 +34,19 @@ sys.path.insert(0, str(REPO))
 
 from multimood import MultimoodForConditionalGeneration  # noqa: E402
 from multimood.model.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
-from multimood.model.processing_multimood import MultimoodProcessor  # noqa: E402
-from tests.model_utils import tiny_config  # noqa: E402
+from multimood.checkpoints.assembly import build_processor, fit_processor_to_model  # noqa: E402
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config  # noqa: E402
 
 
 def tiny_model_folder(data: Path, folder: Path) -> Path:
     """The tiny random model of tests/test_pipeline.py with its processor, saved with the pipeline files."""
     torch.manual_seed(0)
-    config = tiny_config(audio_num_windows=2, audio_max_seconds=4.0, num_k_vid=2, initializer_range=0.2)
+    config = tiny_config(initializer_range=0.2)
     config.text_config.initializer_range = 0.2
     model = MultimoodForConditionalGeneration(config).eval()
-    processor = MultimoodProcessor.from_tokenizer(data / "tokenizer" / "qwen2", k_turn_history=2)
-    video, extractor = processor.video_processor, processor.feature_extractor
-    video.num_frames, video.num_k_vid = config.num_frames, config.num_k_vid
-    video.size = {"height": config.image_size, "width": config.image_size}
-    extractor.num_windows, extractor.max_seconds, extractor.num_k_vid = 2, 4.0, config.num_k_vid
+    media = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
+    processor = build_processor(data / "tokenizer" / "qwen2", media, k_turn_history=2)
+    fit_processor_to_model(processor, config)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     save_pipeline_files(folder)

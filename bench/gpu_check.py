@@ -115,18 +115,24 @@ def run_cuda_tests(junit_path: Path, timeout: int) -> list[Row]:
 # ----------------------------------------------------------------------------------------------
 
 
+# The published media (the processor's defaults): 16 frames per clip, audio padded to 30 s.
+NUM_FRAMES, AUDIO_SECONDS = 16, 30.0
+SAMPLING_RATE, FRAME_LENGTH, HOP_LENGTH = 16000, 400, 160  # the Kaldi filterbank: 25 ms windows every 10 ms
+
+
 def real_shaped_batch(config, batch_size: int, text_tokens: int, device: torch.device | str = "cpu",
-                      seed: int = 0, with_labels: bool = True) -> dict[str, torch.Tensor]:
+                      seed: int = 0, with_labels: bool = True, num_frames: int = NUM_FRAMES,
+                      audio_seconds: float = AUDIO_SECONDS) -> dict[str, torch.Tensor]:
     """Random inputs shaped like one training batch of real records for `config`.
 
-    Per sample: `config.num_frames` frames of `config.image_size` px (one video), the padded audio
-    (`config.num_audio_frames()` x 128 fbank), 8 history utterances of 32 tokens each ending with
+    Per sample: `num_frames` frames of the vision tower's image size (one video), the audio padded to
+    `audio_seconds` (its filterbank x 128), 8 history utterances of 32 tokens each ending with
     `<MEM>`, and `text_tokens` text tokens around the placeholders; with labels, the last 128 text
     tokens are the target. Every sample has the same length, so no padding is needed.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    video_tokens = config.num_video_tokens()
-    audio_frames = config.num_audio_frames()
+    video_tokens = config.num_video_tokens(num_frames)
+    audio_frames = 1 + (int(audio_seconds * SAMPLING_RATE) - FRAME_LENGTH) // HOP_LENGTH
     audio_tokens = config.num_audio_tokens(audio_frames)
     media = ([config.video_token_id] * video_tokens + [config.audio_token_id] * audio_tokens
              + [config.history_token_id] * HISTORY_UTTERANCES)
@@ -139,13 +145,13 @@ def real_shaped_batch(config, batch_size: int, text_tokens: int, device: torch.d
         history[:, -1] = config.mem_token_id
         histories.append(history.flatten())
     input_ids = torch.stack(rows)
-    size = config.image_size
+    size = config.vision_config.image_size
     mel_bins = config.audio_config.num_mel_bins
     history_tokens = HISTORY_UTTERANCES * HISTORY_UTTERANCE_TOKENS
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
-        "pixel_values_videos": torch.randn(batch_size, config.num_frames, 3, size, size, generator=generator),
+        "pixel_values_videos": torch.randn(batch_size, num_frames, 3, size, size, generator=generator),
         "input_features": torch.randn(batch_size, audio_frames, mel_bins, generator=generator) * 4 + 10,
         "history_input_ids": torch.stack(histories),
         "history_attention_mask": torch.ones(batch_size, history_tokens, dtype=torch.long),
@@ -213,7 +219,7 @@ def training_benchmark(model, args, device: torch.device) -> Row:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    one = real_shaped_batch(config, 1, args.text_tokens, device)
+    one = real_shaped_batch(config, 1, args.text_tokens, device, **media_shape(args))
 
     def one_step():
         with _autocast(device):
@@ -223,7 +229,7 @@ def training_benchmark(model, args, device: torch.device) -> Row:
     flops_per_sample = count_flops(one_step)
     model.zero_grad(set_to_none=True)
 
-    batch = real_shaped_batch(config, args.batch_size, args.text_tokens, device, seed=1)
+    batch = real_shaped_batch(config, args.batch_size, args.text_tokens, device, seed=1, **media_shape(args))
     tokens = batch["input_ids"].numel()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
@@ -285,7 +291,8 @@ def training_benchmark(model, args, device: torch.device) -> Row:
 def generation_benchmark(model, batch_size: int, args, device: torch.device) -> Row:
     """Greedy generation of exactly `args.new_tokens` tokens (bf16 weights, KV cache): the prefill is timed
     as a 1-token generation, decoding as the rest."""
-    inputs = real_shaped_batch(model.config, batch_size, args.text_tokens, device, seed=2, with_labels=False)
+    inputs = real_shaped_batch(model.config, batch_size, args.text_tokens, device, seed=2, with_labels=False,
+                               **media_shape(args))
     kwargs = {"do_sample": False, "pad_token_id": PAD_TOKEN_ID}
 
     def timed(new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -349,6 +356,10 @@ def environment() -> dict:
     return info
 
 
+def media_shape(args: argparse.Namespace) -> dict:
+    return {"num_frames": args.num_frames, "audio_seconds": args.audio_seconds}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="gpu_check.json", help="where the summary goes")
@@ -357,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text tokens per sample, media tokens come on top")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
     parser.add_argument("--new_tokens", type=int, default=128, help="generated tokens per sample")
+    parser.add_argument("--num_frames", type=int, default=NUM_FRAMES, help="frames per clip (published: 16)")
+    parser.add_argument("--audio_seconds", type=float, default=AUDIO_SECONDS, help="padded audio (published: 30)")
     parser.add_argument("--generation_batches", default="1,8", help="comma-separated batch sizes for generation")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="dense bf16 peak of the GPU when not in the table")

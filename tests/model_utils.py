@@ -7,6 +7,8 @@ import torch
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 
 TINY_VOCAB = 151680  # the real Qwen2 ids plus the four multimood special tokens fit below this
+TINY_NUM_FRAMES = 4  # frames per clip in the tiny inputs (a processor setting: the config does not hold it)
+TINY_IMAGE_SIZE = 56  # the tiny SigLIP's image size
 
 
 def tiny_config(
@@ -32,7 +34,7 @@ def tiny_config(
         },
         vision_config={
             "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-            "num_attention_heads": 4, "image_size": 56, "patch_size": 14, "vision_use_head": False,
+            "num_attention_heads": 4, "image_size": TINY_IMAGE_SIZE, "patch_size": 14, "vision_use_head": False,
         },
         audio_config={
             "embed_dim": 16, "encoder_embed_dim": 32, "encoder_layers": 2, "encoder_attention_heads": 4,
@@ -41,8 +43,6 @@ def tiny_config(
         compressor_config=compressor_config,
         mm_projector_type=projector,
         connector_depth=1,
-        num_frames=4,
-        image_size=56,
     )
     kwargs.update(overrides)
     return MultimoodConfig(**kwargs)
@@ -74,7 +74,7 @@ def multimodal_batch(config: MultimoodConfig, layout: list[dict], seed: int = 0,
     Each entry: {"text": n_text_tokens, "video": bool, "audio": bool, "history": n_mem or 0}.
     """
     generator = torch.Generator().manual_seed(seed)
-    video_tokens = config.num_video_tokens()
+    video_tokens = config.num_video_tokens(TINY_NUM_FRAMES)
     audio_tokens = config.num_audio_tokens(TINY_FBANK_FRAMES)
     rows, videos, audios, histories = [], [], [], []
     for sample in layout:
@@ -82,7 +82,8 @@ def multimodal_batch(config: MultimoodConfig, layout: list[dict], seed: int = 0,
         ids = text[: len(text) // 2]
         if sample.get("video"):
             ids += [config.video_token_id] * video_tokens
-            videos.append(torch.randn(config.num_frames, 3, config.image_size, config.image_size, generator=generator))
+            side = config.vision_config.image_size
+            videos.append(torch.randn(TINY_NUM_FRAMES, 3, side, side, generator=generator))
         if sample.get("audio"):
             ids += [config.audio_token_id] * audio_tokens
             audios.append(torch.randn(TINY_FBANK_FRAMES, 128, generator=generator) * 4 + 10)

@@ -27,15 +27,16 @@ from transformers import pipeline
 
 from multimood import MultimoodForConditionalGeneration, cli
 from multimood.apps import demo
+from multimood.checkpoints.assembly import build_processor, fit_processor_to_model
 from multimood.data.corpora import convert_esconv
 from multimood.data.dataset_builder import load_dialogues
 from multimood.model.pipeline_multimood import save_pipeline_files
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.training.grpo import make_grpo_dataset
-from tests.model_utils import tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
+MEDIA = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
 NOT_UTF8 = b'{"Dialogue_ID": 7, "utt_user_most_recent": ["caf\xe9"]}'
 
 
@@ -95,13 +96,10 @@ def processor(shared_data) -> MultimoodProcessor:
 def model_folder(shared_data, tmp_path_factory) -> Path:
     """A tiny random MultiMood with its processor and the pipeline files, as `save_pretrained` writes them."""
     torch.manual_seed(0)
-    config = tiny_config(**TINY)
+    config = tiny_config()
     model = MultimoodForConditionalGeneration(config).eval()
-    processor = MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2", k_turn_history=2)
-    video, audio = processor.video_processor, processor.feature_extractor
-    video.num_frames, video.num_k_vid = config.num_frames, config.num_k_vid
-    video.size = {"height": config.image_size, "width": config.image_size}
-    audio.num_windows, audio.max_seconds, audio.num_k_vid = config.audio_num_windows, config.audio_max_seconds, 2
+    processor = build_processor(shared_data / "tokenizer" / "qwen2", MEDIA, k_turn_history=2)
+    fit_processor_to_model(processor, config)
     folder = tmp_path_factory.mktemp("bad_input") / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -16,7 +16,7 @@ from multimood import MultimoodConfig, MultimoodForConditionalGeneration
 from multimood.model.configuration_multimood import BeatsConfig
 from multimood.model.modeling_beats import BeatsModel, BeatsPositionalConvEmbedding
 from multimood.model.modeling_multimood import MultimoodSTCConnector
-from tests.model_utils import multimodal_batch, sensitive_model, tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, multimodal_batch, sensitive_model, tiny_config
 
 # bf16 keeps 8 bits of mantissa: rounding inputs and weights gives ~0.3-1 % relative error in these blocks.
 BF16_TOLERANCE = 0.02
@@ -65,7 +65,7 @@ def test_tiny_beats_bf16_matches_float32():
 def test_tiny_stc_connector_bf16_matches_float32():
     config = tiny_config()
     torch.manual_seed(0)
-    features = torch.randn(2, config.num_frames, 16, config.vision_config.hidden_size)
+    features = torch.randn(2, TINY_NUM_FRAMES, 16, config.vision_config.hidden_size)
     cast, autocast = bf16_errors(MultimoodSTCConnector(config), features)
     assert cast < BF16_TOLERANCE and autocast < BF16_TOLERANCE, (cast, autocast)
 

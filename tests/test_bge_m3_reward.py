@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
+from transformers import AutoTokenizer, XLMRobertaModel
 
-from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
+from multimood.model.processing_multimood import format_answer
 from multimood.training import rewards as R
-from multimood.model.records import format_answer
+from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,6 @@ class HandScore:
     """BGE-M3's published scores of one (query, passage) pair, each text encoded alone (no padding), in float64."""
 
     def __init__(self, folder: Path):
-        from transformers import AutoTokenizer, XLMRobertaModel
-
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.encoder = XLMRobertaModel.from_pretrained(folder).eval()
         colbert = torch.load(folder / "colbert_linear.pt", weights_only=True)
@@ -154,8 +154,6 @@ def test_missing_heads_is_a_clear_error(tiny_bge_m3, tmp_path):
 
 def test_hub_id_loads_from_the_hub_cache_offline(tiny_bge_m3, hand, tmp_path, monkeypatch):
     """A Hub id goes through `snapshot_download`; offline, the Hugging Face cache answers."""
-    from huggingface_hub import constants
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--someone--tiny-bge-m3"
@@ -168,7 +166,7 @@ def test_hub_id_loads_from_the_hub_cache_offline(tiny_bge_m3, hand, tmp_path, mo
 
 
 def test_paper_preset_builds_the_hybrid_reward(tiny_bge_m3, hand, tmp_path):
-    from multimood.training.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args  # noqa: PLC0415 - needs trl (the train extra)
 
     script, _ = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--preset", "paper",
                             "--similarity_model", str(tiny_bge_m3), "--reward_weights", "similarity=1"])

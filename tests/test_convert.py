@@ -17,17 +17,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
-from multimood.checkpoints.convert_videollama2_to_multimood import (
-    REPORT_NAME,
-    ConversionError,
-    convert,
-    main,
-    read_beats_checkpoint,
-)
-from tests.model_utils import TINY_VOCAB, multimodal_batch, tiny_config
+from multimood.checkpoints.convert_videollama2_to_multimood import REPORT_NAME, ConversionError, convert, main
+from multimood.checkpoints.weights import read_beats_checkpoint
+from tests.model_utils import TINY_IMAGE_SIZE, TINY_NUM_FRAMES, TINY_VOCAB, multimodal_batch, tiny_config
 
 PUBLISHED_TOKENIZER_LEN = 151647  # Qwen2 (151646) + <MEM>: the size the published compressor was resized to
 PUBLISHED_MEM_ID = 151646  # <MEM> was the first token the published code added
@@ -88,12 +83,23 @@ def published_config(model: MultimoodForConditionalGeneration, **extra) -> dict:
     text = config.text_config.to_dict()
     out = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version", "dtype")}
     out.update(
-        architectures=["Videollama2Qwen2ForCausalLM"], model_type="videollama2_qwen2", torch_dtype="float32",
-        mm_vision_tower="google/siglip-so400m-patch14-384", mm_projector_type=config.mm_projector_type,
-        mm_hidden_size=32, mm_vision_select_layer=-2, image_aspect_ratio="pad", num_frames=config.num_frames,
-        mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", mm_projector_a_type=config.mm_projector_a_type,
-        mm_hidden_size_a=32, hidden_size_a=32, tokenizer_model_max_length=2048, use_mm_proj=True,
-        tune_mm_mlp_adapter=False, some_future_flag=True,
+        architectures=["Videollama2Qwen2ForCausalLM"],
+        model_type="videollama2_qwen2",
+        torch_dtype="float32",
+        mm_vision_tower="google/siglip-so400m-patch14-384",
+        mm_projector_type=config.mm_projector_type,
+        mm_hidden_size=32,
+        mm_vision_select_layer=-2,
+        image_aspect_ratio="pad",
+        num_frames=TINY_NUM_FRAMES,
+        mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+        mm_projector_a_type=config.mm_projector_a_type,
+        mm_hidden_size_a=32,
+        hidden_size_a=32,
+        tokenizer_model_max_length=2048,
+        use_mm_proj=True,
+        tune_mm_mlp_adapter=False,
+        some_future_flag=True,
     )
     if config.compressor_config is not None:
         out.update(mamba_compressor="state-spaces/mamba-370m-hf", mem_token_id=PUBLISHED_MEM_ID,
@@ -115,8 +121,6 @@ def write_checkpoint(folder, state: dict, config: dict, shards: int = 2, fmt: st
             name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
             torch.save({k: state[k] for k in part}, folder / name)
         else:
-            from safetensors.torch import save_file
-
             name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file({k: state[k].contiguous().clone() for k in part}, str(folder / name))
         weight_map.update({k: name for k in part})
@@ -161,13 +165,17 @@ def test_every_key_is_converted_or_reported(published):
     tensors = report["tensors"]
     accounted = set(tensors["renamed"]) | set(tensors["unused"]) | set(tensors["unknown"])
     assert accounted == set(state)
-    assert not set(tensors["renamed"]) & set(tensors["unused"]) and not set(tensors["renamed"]) & set(tensors["unknown"])
+    assert not set(tensors["renamed"]) & set(tensors["unused"]) and not set(tensors["renamed"]) & set(
+        tensors["unknown"]
+    )
     assert set(tensors["unknown"]) == {UNKNOWN_KEY}
     assert {"model.audio_tower.predictor.weight", "model.audio_tower.predictor.bias"} <= set(tensors["unused"])
     assert "model.audio_tower.encoder.layers.1.self_attn.relative_attention_bias.weight" in tensors["unused"]
     assert "DIFFERS" not in json.dumps(tensors["unused"])
     assert tensors["unused"]["lm_head.weight"].startswith("tied")  # the tiny model ties its head
-    assert tensors["renamed"]["model.audio_tower.encoder.pos_conv.0.weight_g"].endswith("parametrizations.weight.original0")
+    assert tensors["renamed"]["model.audio_tower.encoder.pos_conv.0.weight_g"].endswith(
+        "parametrizations.weight.original0"
+    )
     assert tensors["renamed"]["model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight"] == (
         "model.audio_tower.encoder.relative_attention_bias.weight"
     )
@@ -196,16 +204,31 @@ def test_converted_tensors_equal_the_sources(published):
     assert torch.equal(table[151649], state[mamba][PUBLISHED_MEM_ID])
     assert torch.allclose(table[PUBLISHED_TOKENIZER_LEN + 5], state[mamba].mean(0))
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "multimood" and config["compressor_config"]["_name_or_path"] == "state-spaces/mamba-370m-hf"
+    assert (
+        config["model_type"] == "multimood"
+        and config["compressor_config"]["_name_or_path"] == "state-spaces/mamba-370m-hf"
+    )
     assert config["compressor_config"]["vocab_size"] == TINY_VOCAB and config["mem_token_id"] == 151649
-    assert config["connector_depth"] == 1 and config["num_frames"] == 4 and config["mm_projector_a_type"] == "linear"
+    assert config["connector_depth"] == 1 and config["mm_projector_a_type"] == "linear"
+    # frames and frame size are the processor's (config.json's num_frames, the vision tower's image size)
+    assert "num_frames" not in config and "image_size" not in config
+    video = json.loads((out / "processor_config.json").read_text())["video_processor"]
+    assert video["num_frames"] == TINY_NUM_FRAMES and video["image_aspect_ratio"] == "pad"
+    assert video["size"] == {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     assert config["audio_config"]["encoder_attention_heads"] == 4 and config["auto_map"]["AutoModelForCausalLM"]
-    for name in ("processor_config.json", "tokenizer.json", "chat_template.jinja", "modeling_multimood.py", "modeling_beats.py"):
+    for name in (
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "modeling_multimood.py",
+        "modeling_beats.py",
+    ):
         assert (out / name).is_file(), name
 
 
 def test_converted_forward_equals_the_reference(published):
-    """Tied-head, sharded layout; memory injection switched on (a converted folder has it off) to cover the compressor."""
+    """Tied-head, sharded layout; memory injection switched on (a converted folder has it off) to cover the
+    compressor."""
     reference, *_, out, _ = published
     converted = MultimoodForConditionalGeneration.from_pretrained(out, inject_history_memory=True).eval()
     batch = multimodal_batch(reference.config, [{"text": 6, "video": True, "audio": True, "history": 2}, {"text": 9}])
@@ -222,7 +245,9 @@ def test_missing_required_tensor_is_named(published, tmp_path, tokenizer):
     write_checkpoint(tmp_path / "ckpt", broken, published_config(model), shards=1)
     with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         convert(tmp_path / "ckpt", tmp_path / "out", tokenizer=tokenizer, vision_tower=vision)
-    code = main([str(tmp_path / "ckpt"), str(tmp_path / "out2"), "--tokenizer", tokenizer, "--vision_tower", str(vision)])
+    code = main(
+        [str(tmp_path / "ckpt"), str(tmp_path / "out2"), "--tokenizer", tokenizer, "--vision_tower", str(vision)]
+    )
     assert code == 1
 
 
@@ -271,7 +296,9 @@ def test_videollama2_av_layout(tmp_path, tokenizer):
     model = MultimoodForConditionalGeneration(config).eval()
     state = published_state(model, mlp_video=True)
     assert "model.mm_projector.0.weight" in state and "model.mm_projector_a.2.weight" in state
-    write_checkpoint(tmp_path / "ckpt", state, published_config(model, mm_projector_type="mlp2x_gelu"), fmt="safetensors")
+    write_checkpoint(
+        tmp_path / "ckpt", state, published_config(model, mm_projector_type="mlp2x_gelu"), fmt="safetensors"
+    )
     siglip = siglip_config_folder(tmp_path / "siglip", config)
     report = convert(tmp_path / "ckpt", tmp_path / "out", tokenizer=tokenizer, vision_tower=siglip, dtype="bfloat16")
     assert set(report.renamed) | set(report.unused) == set(state) and not report.unknown
@@ -292,7 +319,7 @@ def test_videollama2_av_layout(tmp_path, tokenizer):
     assert not loaded.config.tie_word_embeddings
     # the published temporal_aggregator averages the frames before an mlp2x_gelu projector: one frame of tokens
     assert loaded.config.video_frame_pooling == "mean" and report.profile["video_frame_pooling"] == "mean"
-    assert loaded.config.num_video_tokens() == (56 // 14) ** 2
+    assert loaded.config.num_video_tokens(TINY_NUM_FRAMES) == (56 // 14) ** 2
     processor_config = json.loads((tmp_path / "out" / "processor_config.json").read_text())
     assert processor_config["video_processor"]["frame_pooling"] == "mean"  # its token count follows the model
 
@@ -305,6 +332,7 @@ def test_round_trip_to_published(published, tmp_path):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "videollama2_qwen2" and config["mem_token_id"] == 151649
     assert config["mm_projector_type"] == "stc_connector_v35" and config["hidden_size"] == 32
+    assert config["num_frames"] == TINY_NUM_FRAMES and config["image_aspect_ratio"] == "pad"  # from the processor
     expected = set(state) - {UNKNOWN_KEY, "model.audio_tower.predictor.weight", "model.audio_tower.predictor.bias"}
     assert set(back) == expected
     mamba = "model.mamba_compressor.mamba.embeddings.weight"
@@ -313,10 +341,13 @@ def test_round_trip_to_published(published, tmp_path):
     # and the exported folder converts again
     shutil.copyfile(out / "tokenizer.json", tmp_path / "back" / "tokenizer.json")
     again = convert(tmp_path / "back", tmp_path / "again", vision_tower=published[3],
-                    config_overrides={"audio_config": {"max_distance": 64}})
+                    config_overrides={"audio_config": {"max_distance": 64}, "num_k_vid": 3})
     assert not again.unknown and set(again.unused) == {
         "model.audio_tower.encoder.layers.1.self_attn.relative_attention_bias.weight", "lm_head.weight"
     }
+    # a processor setting among the overrides goes to the processor, not the config
+    assert "num_k_vid" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert json.loads((tmp_path / "again" / "processor_config.json").read_text())["video_processor"]["num_k_vid"] == 3
 
 
 def test_read_beats_checkpoint_reports_unused(tmp_path):
@@ -330,6 +361,9 @@ def test_read_beats_checkpoint_reports_unused(tmp_path):
     unused: dict = {}
     converted, cfg = read_beats_checkpoint(tmp_path / "audio_tower.bin", unused)
     assert cfg == {}
-    assert set(converted) == {"encoder.pos_conv.0.parametrizations.weight.original0", "encoder.relative_attention_bias.weight"}
+    assert set(converted) == {
+        "encoder.pos_conv.0.parametrizations.weight.original0",
+        "encoder.relative_attention_bias.weight",
+    }
     assert set(unused) == {"predictor.weight", "encoder.layers.1.self_attn.relative_attention_bias.weight"}
     assert "DIFFERS" in unused["encoder.layers.1.self_attn.relative_attention_bias.weight"]

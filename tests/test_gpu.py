@@ -316,9 +316,9 @@ def test_benchmark_code_runs_on_a_tiny_model_on_cpu():
     """The training and generation benchmarks' code on a tiny config on the CPU (a smoke check of what
     `bench/gpu_check.sh` runs at full size on CUDA): figures are consistent with the inputs."""
     gpu_check = _gpu_check()
-    model = build("cpu", audio_max_seconds=4.0, audio_num_windows=2)
+    model = build("cpu")
     args = gpu_check.build_parser().parse_args(["--batch_size", "2", "--text_tokens", "160", "--steps", "1",
-                                                "--new_tokens", "3"])
+                                                "--new_tokens", "3", "--num_frames", "4", "--audio_seconds", "4"])
     train = gpu_check.training_benchmark(model, args, torch.device("cpu"))
     figures = train.figures
     assert train.status == "ok" and figures["sequence_tokens"] == 160 + 8 + 24 * 8 + 8

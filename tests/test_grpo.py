@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from multimood.training import rewards as R
 from multimood.model.records import format_answer
+from multimood.training import quickstart
+from multimood.training import rewards as R
 from tests.bge_m3_utils import write_tiny_bge_m3
 
 GOLD = {
@@ -35,7 +38,9 @@ BAD = "I am not sure what to say."
 
 
 def test_format_reward():
-    scores = R.format_reward(prompts=["p"] * 4, completions=[GOOD, PARTIAL, BAD, [{"role": "assistant", "content": GOOD}]])
+    scores = R.format_reward(
+        prompts=["p"] * 4, completions=[GOOD, PARTIAL, BAD, [{"role": "assistant", "content": GOOD}]]
+    )
     assert scores == [1.0, 0.75, 0.0, 1.0]
 
 
@@ -80,8 +85,6 @@ def test_combine_rewards_is_elementwise_mean_not_concatenation():
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     root = tmp_path_factory.mktemp("tiny_encoder")
     words = sorted({w for text in ["kate said that you feel unheard i am not sure what to say how are "
                                    "the weather is nice today tell me more about it"] for w in text.split()})
@@ -255,7 +258,7 @@ def test_judge_published_rule_failed_request_gives_zero(status, caplog):
 
 
 def test_judge_prompt_files_replace_the_messages(tmp_path):
-    from multimood.training.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args  # noqa: PLC0415 - needs trl (the train extra)
 
     (tmp_path / "system.txt").write_text("You rate therapists.")
     (tmp_path / "user.txt").write_text('Rate {"this"} answer: {response}\nAfter: {context}')
@@ -291,7 +294,7 @@ def test_parse_judge_scores_variants():
 
 
 def test_parse_args_paper_preset(tmp_path):
-    from multimood.training.grpo import build_rewards, parse_args
+    from multimood.training.grpo import build_rewards, parse_args  # noqa: PLC0415 - needs trl (the train extra)
 
     script, config = parse_args(["--model_path", "m", "--output_dir", str(tmp_path), "--preset", "paper",
                                  "--per_device_train_batch_size", "4", "--beta", "0.5"])
@@ -319,8 +322,6 @@ def test_parse_args_paper_preset(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> Path:
-    from multimood.training import quickstart
-
     out = tmp_path_factory.mktemp("grpo_sft") / "model"
     quickstart.run(quickstart.build_parser().parse_args(["--output_dir", str(out), "--max_steps", "2"]))
     return out
@@ -335,12 +336,10 @@ def tiny_bge_m3(tmp_path_factory) -> Path:
 def test_tiny_paper_preset_grpo_run_updates_weights(sft_model, shared_data, tiny_bge_m3, tmp_path):
     """The paper preset end to end (BGE-M3 hybrid similarity, the published judge rule against a local server) with
     the budget flags made tiny."""
-    from safetensors.torch import load_file
-
-    from multimood.training import grpo
+    from multimood.training import grpo  # noqa: PLC0415 - needs trl (the train extra)
 
     seen_media = []
-    trainer_cls = grpo._trainer_class()
+    trainer_cls = grpo.MultimoodGRPOTrainer
     original = trainer_cls._get_per_token_logps_and_entropies
 
     def spy(self, model, input_ids, *args, **kwargs):

@@ -17,9 +17,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub import ModelCard, constants, metadata_load
 
-from multimood import MultimoodForConditionalGeneration, MultimoodProcessor
+from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodProcessor
+from multimood.checkpoints.assembly import build_processor, fit_processor_to_model
 from multimood.checkpoints.hub import (
     DEFAULT_LICENSE,
     check_upload_folder,
@@ -30,12 +31,8 @@ from multimood.checkpoints.hub import (
     render_model_card,
     training_hyperparameters,
 )
-from tests.model_utils import tiny_config
-
-try:  # the pipeline module is optional for the upload folder
-    from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
-except ImportError:  # pragma: no cover
-    CUSTOM_PIPELINES = EmotionalSupportPipeline = None
+from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 
 REPO_ID = "someone/multimood-tiny"
 MAX_NEW = 24
@@ -71,9 +68,11 @@ TRAINING_ARGS = {
 def built(shared_data, tmp_path_factory):
     """(model, processor, upload folder) of a tiny random model with the real Qwen2 tokenizer."""
     torch.manual_seed(0)
-    config = tiny_config(audio_num_windows=2, audio_max_seconds=4.0, num_k_vid=2)
+    config = tiny_config()
     model = MultimoodForConditionalGeneration(config).eval()
-    processor = MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2", k_turn_history=2)
+    media = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
+    processor = build_processor(shared_data / "tokenizer" / "qwen2", media, k_turn_history=2)
+    fit_processor_to_model(processor, config)  # the frames and <video> count of the tiny vision tower
     metrics_file = tmp_path_factory.mktemp("metrics") / "metrics.json"
     metrics_file.write_text(json.dumps(METRICS))
     folder = tmp_path_factory.mktemp("hub") / "upload"
@@ -96,8 +95,7 @@ def test_upload_folder_contents(built):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_multimood.MultimoodForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_multimood.MultimoodConfig"
-    if CUSTOM_PIPELINES is not None:
-        assert "pipeline_multimood.py" in names and config["custom_pipelines"] == CUSTOM_PIPELINES
+    assert "pipeline_multimood.py" in names and config["custom_pipelines"] == CUSTOM_PIPELINES
     assert check_upload_folder(folder) == []
 
 
@@ -134,8 +132,21 @@ def test_upload_folder_loads_in_a_clean_process(built, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_LOAD, str(folder), json.dumps(QUERY), str(MAX_NEW), "1" if with_pipeline else "0"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            CLEAN_LOAD,
+            str(folder),
+            json.dumps(QUERY),
+            str(MAX_NEW),
+            "1" if with_pipeline else "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
@@ -168,14 +179,23 @@ def test_card_metadata_parses(built):
     meta = metadata_load(folder / "README.md")
     assert meta["model-index"][0]["name"] == "multimood-tiny" and len(meta["model-index"][0]["results"]) == 1
     text = card.text
-    for needle in ("| learning_rate | 2e-05 |", "| total_train_batch_size | 16 |", "| deepspeed | ZeRO-3 |",
-                   "| client_emotion_accuracy | 0.5100 | 0.5000 |", "non-commercial", "Risks of emotional-support",
-                   "Intended use and limitations", f'model="{REPO_ID}"', "988", "stc_connector_v35 (4 frames → 8 tokens)"):
+    for needle in (
+        "| learning_rate | 2e-05 |",
+        "| total_train_batch_size | 16 |",
+        "| deepspeed | ZeRO-3 |",
+        "| client_emotion_accuracy | 0.5100 | 0.5000 |",
+        "non-commercial",
+        "Risks of emotional-support",
+        "Intended use and limitations",
+        f'model="{REPO_ID}"',
+        "988",
+        "stc_connector_v35 (4 frames → 8 tokens)",
+    ):
         assert needle in text, needle
     assert "lora_r" not in text and "logging_dir" not in text
 
 
-def test_card_base_models_and_template(tmp_path):
+def test_card_base_models_and_template(tmp_path, shared_data):
     """Sub-config names that are Hub ids, the published sizes, and explicit overrides become `base_model`."""
     config = tiny_config()
     config.text_config._name_or_path = "Qwen/Qwen2-0.5B-Instruct"
@@ -184,11 +204,16 @@ def test_card_base_models_and_template(tmp_path):
     assert card.data.base_model == ["Qwen/Qwen2-0.5B-Instruct", "someone/beats-iter3"]
     assert card.data.license == "apache-2.0" and card.data.eval_results is None
     assert "No evaluation results" in card.text
-    from multimood import MultimoodConfig
 
     published = MultimoodConfig()  # the published sizes: Qwen2-1.5B-Instruct, SigLIP so400m, mamba-370m
-    card = render_model_card(published)
-    assert card.data.base_model == ["Qwen/Qwen2-1.5B-Instruct", "google/siglip-so400m-patch14-384", "state-spaces/mamba-370m-hf"]
+    card = render_model_card(
+        published, processor=MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2")
+    )
+    assert card.data.base_model == [
+        "Qwen/Qwen2-1.5B-Instruct",
+        "google/siglip-so400m-patch14-384",
+        "state-spaces/mamba-370m-hf",
+    ]
     assert "1352 tokens" in card.text and "1496 tokens" in card.text
     assert find_template().name == "model_card.md"
     custom = tmp_path / "card.md"
@@ -264,8 +289,6 @@ def test_push_fails_fast_without_network(built, env_update, needle):
 
 def _online(monkeypatch) -> None:
     """Offline mode off for this test, whatever the session's environment says."""
-    from huggingface_hub import constants
-
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

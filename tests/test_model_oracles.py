@@ -17,7 +17,7 @@ from torch import nn
 
 from multimood import MultimoodConfig
 from multimood.model.modeling_multimood import MultimoodSTCConnector
-from tests.model_utils import multimodal_batch, sensitive_model, tiny_config
+from tests.model_utils import TINY_IMAGE_SIZE, TINY_NUM_FRAMES, multimodal_batch, sensitive_model, tiny_config
 
 ALL_MODALITIES = [
     {"text": 12, "video": True, "audio": True, "history": 3},
@@ -119,13 +119,15 @@ def logits_by_hand(model, batch: dict) -> torch.Tensor:
 def test_video_features_equal_siglip_select_layer_then_connector():
     model = sensitive_model()
     config = model.config
-    pixels = torch.randn(2, config.num_frames, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randn(
+        2, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(1)
+    )
     expected = video_features_by_hand(model, pixels)
-    assert expected.shape == (2, config.num_video_tokens(), config.text_config.hidden_size)
+    assert expected.shape == (2, config.num_video_tokens(TINY_NUM_FRAMES), config.text_config.hidden_size)
     torch.testing.assert_close(model.get_video_features(pixels), expected, atol=1e-5, rtol=1e-5)
     # The oracle tells the layers apart: the last layer's state would give other tokens.
     last_layer = siglip_layer_by_hand(model.model.vision_tower, pixels.flatten(0, 1), -1)
-    last = stc_by_hand(model.model.mm_projector, config, last_layer.reshape(2, config.num_frames, *last_layer.shape[1:]))
+    last = stc_by_hand(model.model.mm_projector, config, last_layer.reshape(2, TINY_NUM_FRAMES, *last_layer.shape[1:]))
     assert config.mm_vision_select_layer != -1 and (last - expected).abs().max() > 1e-2
 
 
@@ -136,7 +138,7 @@ def test_stc_connector_equals_hand_forward(image_size: int, depth: int):
     RegStage depth 1 or 2, vision width 16 != LLM width 32 (s1's first block downsamples)."""
     vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
               "num_attention_heads": 2, "image_size": image_size, "patch_size": 14, "vision_use_head": False}
-    config = tiny_config(vision_config=vision, image_size=image_size, connector_depth=depth)
+    config = tiny_config(vision_config=vision, connector_depth=depth)
     torch.manual_seed(0)
     connector = MultimoodSTCConnector(config).eval()
     generator = torch.Generator().manual_seed(0)
@@ -145,9 +147,9 @@ def test_stc_connector_equals_hand_forward(image_size: int, depth: int):
             if "norm" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     side = image_size // 14
-    features = torch.randn(2, config.num_frames, side * side, 16, generator=generator)
+    features = torch.randn(2, TINY_NUM_FRAMES, side * side, 16, generator=generator)
     expected = stc_by_hand(connector, config, features)
-    assert expected.shape == (2, config.num_frames // 2 * (side // 2) ** 2, 32)
+    assert expected.shape == (2, TINY_NUM_FRAMES // 2 * (side // 2) ** 2, 32)
     torch.testing.assert_close(connector(features), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -155,8 +157,9 @@ def test_stc_connector_equals_hand_forward(image_size: int, depth: int):
 @torch.no_grad()
 def test_memory_tokens_are_mamba_states_at_each_mem(compressor: str):
     model = sensitive_model(compressor=compressor)
-    batch = multimodal_batch(model.config, [{"text": 4, "history": 3}, {"text": 4, "history": 1}, {"text": 4, "history": 4}],
-                             seed=2)
+    batch = multimodal_batch(
+        model.config, [{"text": 4, "history": 3}, {"text": 4, "history": 1}, {"text": 4, "history": 4}], seed=2
+    )
     ids, mask = batch["history_input_ids"], batch["history_attention_mask"]
     assert (mask == 0).any()  # rows of different lengths, right-padded as the processor pads them
     expected = memory_tokens_by_hand(model, ids, mask)

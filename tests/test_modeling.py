@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from tests.model_utils import TINY_FBANK_FRAMES, multimodal_batch, sensitive_model, tiny_config
-from transformers import AutoModel, AutoModelForCausalLM
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from timm.layers import LayerNorm2d
+from timm.models.regnet import RegStage
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModel, AutoModelForCausalLM, MambaModel, Qwen2Model, SiglipVisionModel
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration, MultimoodModel
+from tests.model_utils import (
+    TINY_FBANK_FRAMES,
+    TINY_IMAGE_SIZE,
+    TINY_NUM_FRAMES,
+    multimodal_batch,
+    sensitive_model,
+    tiny_config,
+)
 
 ALL_MODALITIES = [
     {"text": 12, "video": True, "audio": True, "history": 3},
@@ -79,8 +92,10 @@ def test_placeholder_mismatch_is_a_clear_error():
     video_positions = (batch["input_ids"][0] == model.config.video_token_id).nonzero()
     broken = dict(batch, input_ids=batch["input_ids"].clone())
     broken["input_ids"][0, video_positions[0]] = 5
-    expected = model.config.num_video_tokens()
-    with pytest.raises(ValueError, match=rf"video: sample 0 holds {expected - 1} placeholder tokens .* {expected} vectors"):
+    expected = model.config.num_video_tokens(TINY_NUM_FRAMES)
+    with pytest.raises(
+        ValueError, match=rf"video: sample 0 holds {expected - 1} placeholder tokens .* {expected} vectors"
+    ):
         model(**broken)
     with pytest.raises(ValueError, match="audio: 1 sample.* but 2 audio input"):
         model(**dict(batch, input_features=batch["input_features"].repeat(2, 1, 1)))
@@ -92,12 +107,12 @@ def test_placeholder_mismatch_is_a_clear_error():
 def test_token_counts_follow_config_and_shapes():
     config = tiny_config()
     model = build(config)
-    video = torch.randn(2, config.num_frames, 3, config.image_size, config.image_size)
-    assert model.get_video_features(video).shape == (2, config.num_video_tokens(), 32)
+    video = torch.randn(2, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    assert model.get_video_features(video).shape == (2, config.num_video_tokens(TINY_NUM_FRAMES), 32)
     fbank = torch.randn(1, TINY_FBANK_FRAMES, 128)
     assert model.get_audio_features(fbank).shape == (1, config.num_audio_tokens(TINY_FBANK_FRAMES), 32)
     mlp = build(projector="mlp2x_gelu")
-    assert mlp.get_video_features(video).shape[1] == config.num_frames * (config.image_size // 14) ** 2
+    assert mlp.get_video_features(video).shape[1] == TINY_NUM_FRAMES * (TINY_IMAGE_SIZE // 14) ** 2
 
 
 def count(module: torch.nn.Module) -> int:
@@ -120,7 +135,12 @@ def regstage_params(depth: int, cin: int, cout: int) -> int:
 
 
 def beats_params(cfg) -> int:
-    d, f, heads, layers = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads, cfg.encoder_layers
+    d, f, heads, layers = (
+        cfg.encoder_embed_dim,
+        cfg.encoder_ffn_embed_dim,
+        cfg.encoder_attention_heads,
+        cfg.encoder_layers,
+    )
     patch = cfg.embed_dim * cfg.input_patch_size**2 + 2 * cfg.embed_dim + cfg.embed_dim * d + d
     pos_conv = d * (d // cfg.conv_pos_groups) * cfg.conv_pos + cfg.conv_pos + d  # weight_v, weight_g (per tap), bias
     layer = 4 * (d * d + d) + (d // heads) * 8 + 8 + heads + d * f + f + f * d + d + 4 * d
@@ -129,12 +149,8 @@ def beats_params(cfg) -> int:
 
 def test_published_config_on_meta_device():
     """`MultimoodConfig()` is the published model: token counts and parameter counts per block."""
-    from timm.layers import LayerNorm2d
-    from timm.models.regnet import RegStage
-    from transformers import MambaModel, Qwen2Model, SiglipVisionModel
-
     config = MultimoodConfig()
-    assert config.num_video_tokens() == 1352 and config.num_audio_frames() == 2998 and config.num_audio_tokens() == 1496
+    assert config.num_video_tokens(16) == 1352 and config.num_audio_tokens(2998) == 1496
     with torch.device("meta"):
         model = MultimoodForConditionalGeneration(config)
         video = model.get_video_features(torch.empty(1, 16, 3, 384, 384))
@@ -172,8 +188,12 @@ def new_tokens(output, batch) -> torch.Tensor:
 
 def assert_same_generation(got, expected, got_rows=slice(None), expected_rows=slice(None)) -> None:
     """Equal tokens, and at every step logits close to those of the oracle run."""
-    torch.testing.assert_close(got.sequences[got_rows, -len(got.logits):], expected.sequences[expected_rows, -len(expected.logits):],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.sequences[got_rows, -len(got.logits) :],
+        expected.sequences[expected_rows, -len(expected.logits) :],
+        rtol=0,
+        atol=0,
+    )
     assert len(got.logits) == len(expected.logits)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a[got_rows], b[expected_rows], atol=1e-4, rtol=1e-4, msg=f"step {step}")
@@ -198,7 +218,10 @@ def test_batched_generation_matches_one_by_one():
     media_index = {m: 0 for m in ("video", "audio", "history")}
     for i, sample in enumerate(ALL_MODALITIES):
         keep = batch["attention_mask"][i].bool()
-        one = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep]}
+        one = {
+            "input_ids": batch["input_ids"][i : i + 1, keep],
+            "attention_mask": batch["attention_mask"][i : i + 1, keep],
+        }
         if sample.get("video"):
             one["pixel_values_videos"] = batch["pixel_values_videos"][media_index["video"]][None]
         if sample.get("audio"):
@@ -335,9 +358,6 @@ def test_initialisation_is_complete():
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         model = build().train()
@@ -356,9 +376,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
 @pytest.mark.slow
 def test_distributed_ranks_with_different_modalities_stay_in_step(tmp_path):
     """A text-only batch on one rank and a multimodal batch on another: no hang, no DDP error."""
-    import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from transformers import pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from multimood import MultimoodForConditionalGeneration
+from multimood.checkpoints.assembly import fit_processor_to_model, set_media_settings
 from multimood.evaluation.predict import predict_main
 from multimood.model.pipeline_multimood import (
     CUSTOM_PIPELINES,
@@ -35,25 +36,20 @@ from multimood.model.pipeline_multimood import (
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.model.records import MultimoodError
 from multimood.training import quickstart
-from tests.model_utils import tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 
 # Small media (2 audio windows of 4 s, 2 clips) and a wider initialisation so that a random model's answers
 # depend on the input: batched == one-at-a-time then compares different answers.
-TINY = {"audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2, "initializer_range": 0.2}
+TINY = {"initializer_range": 0.2}
+MEDIA = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
 TEXT_INIT_RANGE = 0.2
 MAX_NEW = 32
 
 
 def _match_processor(processor, config) -> None:
-    """The processor's media shapes of the model config (what training saves with the model)."""
-    video = processor.video_processor
-    video.num_frames = config.num_frames
-    video.size = {"height": config.image_size, "width": config.image_size}
-    video.num_k_vid = config.num_k_vid
-    extractor = processor.feature_extractor
-    extractor.num_windows = config.audio_num_windows
-    extractor.max_seconds = config.audio_max_seconds
-    extractor.num_k_vid = config.num_k_vid
+    """Small media, frames and token counts of the model (what training saves with the model)."""
+    set_media_settings(processor, MEDIA)
+    fit_processor_to_model(processor, config)
 
 
 @pytest.fixture(scope="module")

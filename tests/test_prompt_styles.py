@@ -20,6 +20,7 @@ from multimood.model.pipeline_multimood import AnswerConstraint
 from multimood.model.processing_multimood import IGNORE_INDEX, MultimoodProcessor
 from multimood.model.records import parse_output
 from multimood.training import train as mm_train
+from multimood.training.assembly import processor_from_args
 
 PUBLISHED_VIDEO_SENTINEL = -201
 PUBLISHED_MEM_ID = 151646
@@ -234,9 +235,9 @@ def test_train_flag_sets_the_processor_prompt_style(shared_data, tmp_path):
     tokenizer = str(shared_data / "tokenizer" / "qwen2")
     flags = ["--tokenizer_path", tokenizer, "--output_dir", str(tmp_path), "--report_to", "none"]
     model_args, data_args, training_args = mm_train.parse_args(flags + ["--prompt_style", "published-train"])
-    processor = mm_train.build_processor(model_args, data_args, training_args, {})
+    processor = processor_from_args(model_args, data_args, training_args)
     assert processor.prompt_style == "published-train"
     model_args, data_args, training_args = mm_train.parse_args(flags)
-    assert mm_train.build_processor(model_args, data_args, training_args, {}).prompt_style == "multimood"
+    assert processor_from_args(model_args, data_args, training_args).prompt_style == "multimood"
     with pytest.raises(SystemExit):
         mm_train.parse_args(flags + ["--prompt_style", "paper"])

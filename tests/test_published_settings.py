@@ -9,7 +9,7 @@ import torch
 from multimood import MultimoodForConditionalGeneration
 from multimood.model.modeling_multimood import MultimoodModel
 from multimood.model.video_processing_multimood import MultimoodVideoProcessor
-from tests.model_utils import TINY_FBANK_FRAMES, multimodal_batch, tiny_config
+from tests.model_utils import TINY_FBANK_FRAMES, TINY_IMAGE_SIZE, TINY_NUM_FRAMES, multimodal_batch, tiny_config
 
 
 def build(seed: int = 0, **overrides) -> MultimoodForConditionalGeneration:
@@ -102,12 +102,13 @@ def test_mlp_frame_averaging_as_published():
     averaged = build(projector="mlp2x_gelu", video_frame_pooling="mean")
     averaged.load_state_dict(per_frame.state_dict())
     config = averaged.config
-    patches = (config.image_size // config.vision_config.patch_size) ** 2
-    assert config.num_video_tokens() == patches and per_frame.config.num_video_tokens() == config.num_frames * patches
+    patches = (TINY_IMAGE_SIZE // config.vision_config.patch_size) ** 2
+    assert config.num_video_tokens(TINY_NUM_FRAMES) == patches
+    assert per_frame.config.num_video_tokens(TINY_NUM_FRAMES) == TINY_NUM_FRAMES * patches
 
     # oracle 1: identical frames average to themselves, so the tokens are those of one frame
-    frame = torch.randn(1, 1, 3, config.image_size, config.image_size)
-    still = frame.expand(1, config.num_frames, -1, -1, -1)
+    frame = torch.randn(1, 1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    still = frame.expand(1, TINY_NUM_FRAMES, -1, -1, -1)
     with torch.no_grad():
         pooled = averaged.get_video_features(still)
         unpooled = per_frame.get_video_features(still)
@@ -116,17 +117,17 @@ def test_mlp_frame_averaging_as_published():
 
     # oracle 2: the published temporal_aggregator, mm_projector(frames_features.mean(1)), with the frames'
     # SigLIP features taken one frame at a time
-    video = torch.randn(1, config.num_frames, 3, config.image_size, config.image_size)
+    video = torch.randn(1, TINY_NUM_FRAMES, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     tower = averaged.model.vision_tower
     with torch.no_grad():
         frames = [tower(pixel_values=video[:, i], output_hidden_states=True).hidden_states[-2]
-                  for i in range(config.num_frames)]
+                  for i in range(TINY_NUM_FRAMES)]
         expected = averaged.model.mm_projector.readout(torch.stack(frames, 1).mean(1))
         torch.testing.assert_close(averaged.get_video_features(video), expected, rtol=1e-5, atol=1e-6)
 
     # the processor counts the same number of <video> placeholders, and the whole forward runs
     processor = MultimoodVideoProcessor(projector_type="mlp2x_gelu", frame_pooling="mean")
-    assert processor.num_video_tokens(config.num_frames, config.image_size, config.image_size) == patches
+    assert processor.num_video_tokens(TINY_NUM_FRAMES, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE) == patches
     batch = multimodal_batch(config, [{"text": 6, "video": True, "audio": True}])
     assert (batch["input_ids"] == config.video_token_id).sum() == patches
     with torch.no_grad():

@@ -15,12 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
+from multimood import MultimoodForConditionalGeneration
+from multimood.checkpoints.assembly import build_processor
+from multimood.model.processing_multimood import MultimoodDataCollator
 from multimood.training import train as mm_train
+from multimood.training.assembly import quantize_language_model
 from multimood.training.train import ModalityLengthGroupedBatchSampler, MultimoodTrainer, modality_lengths
-from tests.model_utils import tiny_config
+from tests.model_utils import multimodal_batch, tiny_config
 from tests.test_training import (  # noqa: F401
-    _reload_in_clean_process, _run_killing_group, _tiny_argv, _vocab, sample_data,
+    _reload_in_clean_process,
+    _run_killing_group,
+    _tiny_argv,
+    _vocab,
+    sample_data,
 )
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'multimood[qlora]')")
@@ -47,8 +56,6 @@ def mixed_records(sample_data, tmp_path_factory):  # noqa: F811
 
 
 def _batch_of(records_path: Path, indices: list[int], processor, videos) -> dict:
-    from multimood.model.processing_multimood import MultimoodDataCollator
-
     records = [json.loads(line) for line in records_path.read_text().splitlines()]
     return MultimoodDataCollator(processor, video_folder=str(videos))([records[i] for i in indices])
 
@@ -103,11 +110,11 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
     assert not any("mamba_compressor" in n for n in trainable)
 
     projector_ids = {id(p) for n, p in peft_model.named_parameters() if p.requires_grad and "mm_projector" in n}
-    in_projector_groups = {id(p) for g in trainer.optimizer.param_groups if g["initial_lr"] == 1e-3 for p in g["params"]}
+    in_projector_groups = {
+        id(p) for g in trainer.optimizer.param_groups if g["initial_lr"] == 1e-3 for p in g["params"]
+    }
     assert projector_ids and in_projector_groups == projector_ids
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {3e-3, 1e-3}
-
-    from safetensors import safe_open
 
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as saved:
         keys = list(saved.keys())
@@ -134,8 +141,6 @@ def test_qlora_4bit_trains_only_lora_and_tuned_blocks_and_merged_matches(mixed_r
 def test_projector_lr_param_groups(tmp_path):
     """--mm_projector_lr: connector and audio projector in their own groups, decay for all but biases and norm
     weights (the published rule); without it the Trainer's two groups."""
-    from multimood import MultimoodForConditionalGeneration
-
     model = MultimoodForConditionalGeneration(tiny_config())
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", learning_rate=1e-4,
                                                weight_decay=0.1, mm_projector_lr=2e-5)
@@ -145,20 +150,31 @@ def test_projector_lr_param_groups(tmp_path):
     assert len(groups) == 4
     grouped = [n for g in groups for n in g[0]]
     assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once
-    projector = {names[id(p)] for p in [*model.model.mm_projector.parameters(), *model.model.mm_projector_a.parameters()]}
+    projector = {
+        names[id(p)] for p in [*model.model.mm_projector.parameters(), *model.model.mm_projector_a.parameters()]
+    }
     for members, lr, _ in groups:
         assert members <= projector if lr == 2e-5 else not members & projector
     assert {n for g in groups if g[1] == 2e-5 for n in g[0]} == projector
     decayed = {n for g in groups if g[2] == 0.1 for n in g[0]}
-    for name in ("model.language_model.layers.0.self_attn.q_proj.weight", "model.mm_projector_a.weight",
-                 "model.mm_projector.s1.b1.conv1.conv.weight", "model.mamba_compressor.mamba.layers.0.mixer.in_proj.weight",
-                 "model.mamba_compressor.mamba.layers.0.mixer.A_log"):
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.mm_projector_a.weight",
+        "model.mm_projector.s1.b1.conv1.conv.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.in_proj.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.A_log",
+    ):
         assert name in decayed, name
-    for name in ("model.language_model.layers.0.self_attn.q_proj.bias", "model.language_model.norm.weight",
-                 "model.language_model.layers.0.input_layernorm.weight", "model.mm_projector_a.bias",
-                 "model.mm_projector.s1.b1.conv1.bn.weight",  # timm LayerNormAct2d, a LayerNorm
-                 "model.mamba_compressor.mamba.norm_f.weight", "model.mamba_compressor.mamba.layers.0.mixer.norm.weight",
-                 "model.mamba_compressor.mamba.layers.0.mixer.dt_bias"):
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj.bias",
+        "model.language_model.norm.weight",
+        "model.language_model.layers.0.input_layernorm.weight",
+        "model.mm_projector_a.bias",
+        "model.mm_projector.s1.b1.conv1.bn.weight",  # timm LayerNormAct2d, a LayerNorm
+        "model.mamba_compressor.mamba.norm_f.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.norm.weight",
+        "model.mamba_compressor.mamba.layers.0.mixer.dt_bias",
+    ):
         assert name in grouped and name not in decayed, name
     norms = [n for n, p in model.named_parameters() if p.requires_grad and "norm" in n.lower()]
     assert norms and not set(norms) & decayed
@@ -199,18 +215,19 @@ def test_modality_grouped_batches_single_modality_and_seeded():
 def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
     """--group_by_modality_length: the Trainer's training batches, collated from real records and clips, have video
     for all records or for none."""
-    from multimood.model.processing_multimood import MultimoodDataCollator, MultimoodProcessor
-
     records = mm_train.load_records(mixed_records["records"])
     clips = [bool(r["path_to_vid_user_most_recent"]) for r in records]
     lengths = modality_lengths(records)
     assert [n > 0 for n in lengths] == clips and all(n != 0 for n in lengths)
-    video_processor = mm_train.make_video_processor({"num_frames": 2, "size": {"height": 28, "width": 28}})
-    processor = MultimoodProcessor.from_tokenizer(str(mixed_records["tokenizer"]), video_processor=video_processor)
+    processor = build_processor(str(mixed_records["tokenizer"]), {"num_frames": 2, "image_size": 28})
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", seed=3,
                                                per_device_train_batch_size=2, group_by_modality_length=True)
-    trainer = MultimoodTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=records,
-                               data_collator=MultimoodDataCollator(processor, video_folder=str(mixed_records["videos"])))
+    trainer = MultimoodTrainer(
+        model=torch.nn.Linear(1, 1),
+        args=args,
+        train_dataset=records,
+        data_collator=MultimoodDataCollator(processor, video_folder=str(mixed_records["videos"])),
+    )
     loader = trainer.get_train_dataloader()
     sampler = loader.batch_sampler
     assert isinstance(sampler, ModalityLengthGroupedBatchSampler)
@@ -228,16 +245,13 @@ def test_trainer_serves_single_modality_batches(mixed_records, tmp_path):
 def test_quantize_language_model_8bit_matches_dequantized_weights(tmp_path):
     """--bits 8: only the LLM's linear layers become int8 (the rest keeps float32) and the model computes what a
     float32 copy holding the dequantized weights computes."""
-    from multimood import MultimoodForConditionalGeneration
-    from tests.model_utils import multimodal_batch
-
     config = tiny_config()
     torch.manual_seed(0)
     model = MultimoodForConditionalGeneration(config).eval()
     reference = MultimoodForConditionalGeneration(config).eval()
     reference.load_state_dict(model.state_dict())
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", bits=8, lora_enable=True)
-    assert mm_train.quantize_language_model(model, args) == 2 * len(LORA_LINEARS)
+    assert quantize_language_model(model, args) == 2 * len(LORA_LINEARS)
     int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert len(int8) == 2 * len(LORA_LINEARS) and all(m.weight.dtype == torch.int8 for m in int8)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "language_model.layers" not in n
@@ -258,10 +272,18 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
     out = tmp_path / "qlora_script"
     config = json.loads(_tiny_argv(sample_data, out, _vocab(sample_data))[1])
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": "29563", "MODEL_PATH": str(sample_data["tokenizer"]), "DATA_PATH": str(sample_data["records"]),
-           "VID_FOLDER": str(sample_data["videos"]), "OUTPUT_DIR": str(out),
-           "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+        "NPROC_PER_NODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": "29563",
+        "MODEL_PATH": str(sample_data["tokenizer"]),
+        "DATA_PATH": str(sample_data["records"]),
+        "VID_FOLDER": str(sample_data["videos"]),
+        "OUTPUT_DIR": str(out),
+        "PYTHONPATH": f"{REPO_ROOT}:{os.environ.get('PYTHONPATH', '')}",
+    }
     extra = ["--model_config", json.dumps(config), "--vision_tower", "", "--mamba_compressor", "", "--audio_tower", "",
              "--num_frames", "4", "--image_size", "56", "--num_k_vid", "2", "--k_turn_history", "2",
              "--model_max_length", "1024", "--lora_r", "8", "--lora_alpha", "16", "--bf16", "False",
@@ -275,7 +297,9 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["r"] == 8 and "mamba_compressor" not in (adapter["modules_to_save"] or [])  # --freeze_mamba_compressor
+    assert adapter["r"] == 8 and "mamba_compressor" not in (
+        adapter["modules_to_save"] or []
+    )  # --freeze_mamba_compressor
     result = _reload_in_clean_process(out / "merged", sample_data["records"], sample_data["videos"])
     assert result["new_tokens"] > 0 and not result["module"].startswith("multimood.")
     shutil.rmtree(out, ignore_errors=True)
@@ -283,11 +307,11 @@ def test_finetune_qlora_script_trains_saves_and_reloads(sample_data, tmp_path): 
 
 def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
     """--pretrain_mm_mlp_adapter / _a: the published per-projector files (keys `model.mm_projector[_a].*`)."""
-    from multimood import MultimoodForConditionalGeneration
-
     model = MultimoodForConditionalGeneration(tiny_config())
     video = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in model.model.mm_projector.state_dict().items()}
-    audio = {f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()}
+    audio = {
+        f"model.mm_projector_a.{k}": torch.randn_like(v) for k, v in model.model.mm_projector_a.state_dict().items()
+    }
     torch.save(video, tmp_path / "mm_projector.bin")
     torch.save({**audio, "model.mm_projector.readout.0.weight": torch.zeros(1)}, tmp_path / "mm_projector_a.bin")
     before_audio = {k: v.clone() for k, v in model.model.mm_projector_a.state_dict().items()}
@@ -297,22 +321,24 @@ def test_pretrain_mm_mlp_adapter_files_load_into_projectors(tmp_path):
         assert torch.equal(model.model.mm_projector.state_dict()[key[len("model.mm_projector."):]], value), key
     for key, value in before_audio.items():
         assert torch.equal(model.model.mm_projector_a.state_dict()[key], value), key  # untouched without _a
-    mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector_a.bin")))
+    mm_train.load_projector_files(
+        model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector_a.bin"))
+    )
     for key, value in audio.items():
         assert torch.equal(model.model.mm_projector_a.state_dict()[key[len("model.mm_projector_a."):]], value), key
     with pytest.raises(ValueError, match="no `mm_projector_a.\\*` tensors"):
-        mm_train.load_projector_files(model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector.bin")))
+        mm_train.load_projector_files(
+            model, mm_train.ModelArguments(pretrain_mm_mlp_adapter_a=str(tmp_path / "mm_projector.bin"))
+        )
 
 
 def test_lora_weight_path_continues_a_saved_adapter(tmp_path):
     """--lora_weight_path: the saved adapter's own weights (LoRA and fully trained projectors) come back, trainable."""
-    from multimood import MultimoodForConditionalGeneration
-
     config = tiny_config()
     args = mm_train.MultimoodTrainingArguments(output_dir=str(tmp_path), report_to="none", lora_enable=True, lora_r=4)
     first = mm_train.apply_lora(MultimoodForConditionalGeneration(config), mm_train.ModelArguments(), args)
     with torch.no_grad():
-        for name, param in first.named_parameters():
+        for _, param in first.named_parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param))
     first.save_pretrained(tmp_path / "adapter")

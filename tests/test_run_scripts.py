@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from multimood.training.train import parse_args
+from multimood.training.train import main, parse_args
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "run_scripts"
 
@@ -44,8 +44,6 @@ def test_launchers_compose_parseable_flags(script, tmp_path):
 
 def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch, shared_data):
     """`run_multimood.py --push_to_hub` checks the Hub first: offline it stops at once, naming the repo."""
-    from multimood.training.train import main
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     records = tmp_path / "records.jsonl"  # valid: the flags and records are checked before the Hub
     records.write_text((shared_data / "records" / "mesc_val_records.jsonl").read_text().splitlines()[0] + "\n")

@@ -13,21 +13,35 @@ from pathlib import Path
 
 import pytest
 
-from multimood.training import train as mm_train
+from multimood.training import arguments as mm_args
 from tests.test_run_scripts import launched_flags
 
 ZERO3 = Path(__file__).resolve().parents[1] / "run_scripts" / "zero3.json"
 
 # field -> a value for it (None: a bare boolean flag is passed with an explicit value below)
 PUBLISHED_MODEL_FIELDS = {
-    "model_type": "videollama2_qwen2", "model_path": "Qwen/Qwen2-1.5B-Instruct", "num_k_vid": "5", "version": "v1",
-    "freeze_backbone": "False", "pretrain_projectors_repo": "DAMO-NLP-SG/VideoLLaMA2.1-7B-AV",
-    "mm_projector_type": "stc_connector_v35", "tune_mm_mlp_adapter": "False", "pretrain_mm_mlp_adapter": "mm_projector.bin",
-    "vision_tower": "google/siglip-so400m-patch14-384", "mm_vision_select_layer": "-2",
-    "mm_vision_select_feature": "patch", "audio_tower": "audio_tower.bin", "tune_audio_tower": "False",
-    "tune_mm_mlp_adapter_a": "False", "tune_adapter_llm": "True", "pretrain_mm_mlp_adapter_a": "mm_projector_a.bin",
-    "num_user_emotion_classes": "7", "num_system_emotion_classes": "7", "num_strategy_classes": "10",
-    "mamba_compressor": "state-spaces/mamba-370m-hf", "freeze_mamba_compressor": "True",
+    "model_type": "videollama2_qwen2",
+    "model_path": "Qwen/Qwen2-1.5B-Instruct",
+    "num_k_vid": "5",
+    "version": "v1",
+    "freeze_backbone": "False",
+    "pretrain_projectors_repo": "DAMO-NLP-SG/VideoLLaMA2.1-7B-AV",
+    "mm_projector_type": "stc_connector_v35",
+    "tune_mm_mlp_adapter": "False",
+    "pretrain_mm_mlp_adapter": "mm_projector.bin",
+    "vision_tower": "google/siglip-so400m-patch14-384",
+    "mm_vision_select_layer": "-2",
+    "mm_vision_select_feature": "patch",
+    "audio_tower": "audio_tower.bin",
+    "tune_audio_tower": "False",
+    "tune_mm_mlp_adapter_a": "False",
+    "tune_adapter_llm": "True",
+    "pretrain_mm_mlp_adapter_a": "mm_projector_a.bin",
+    "num_user_emotion_classes": "7",
+    "num_system_emotion_classes": "7",
+    "num_strategy_classes": "10",
+    "mamba_compressor": "state-spaces/mamba-370m-hf",
+    "freeze_mamba_compressor": "True",
 }
 PUBLISHED_DATA_FIELDS = {
     "data_path": "train.jsonl", "vid_folder": "videos", "data_folder": "videos", "k_cur_vid_user": "4",
@@ -76,7 +90,7 @@ def _parse(flags: str | list[str], tmp_path=None):
     argv = shlex.split(flags) if isinstance(flags, str) else list(flags)
     if "--output_dir" not in argv:
         argv += ["--output_dir", str(tmp_path)]
-    return mm_train.parse_args(argv)
+    return mm_args.parse_args(argv)
 
 
 def test_all_47_published_fields_parse(tmp_path, caplog):
@@ -94,7 +108,7 @@ def test_all_47_published_fields_parse(tmp_path, caplog):
     assert (args.bits, args.quant_type, args.double_quant, args.mm_projector_lr) == (4, "nf4", True, 2e-5)
     assert args.group_by_modality_length and args.lora_weight_path == "adapter" and args.model_max_length == 4096
     warned = caplog.text
-    for name in mm_train.PUBLISHED_FIELDS_WITHOUT_EFFECT:
+    for name in mm_args.PUBLISHED_FIELDS_WITHOUT_EFFECT:
         assert f"--{name} has no effect here" in warned, name
 
 
@@ -105,7 +119,13 @@ def test_published_script_flag_sets_parse(flags, tmp_path):
     assert model_args.model_type == "videollama2_qwen2" and model_args.mm_vision_select_layer == -2
     assert args.warmup_steps == pytest.approx(0.03) and args.save_total_limit == 99
     if "--bits" in flags:
-        assert (args.bits, args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (4, True, 64, 128, 2e-5)
+        assert (args.bits, args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (
+            4,
+            True,
+            64,
+            128,
+            2e-5,
+        )
         assert not model_args.tune_compressor and data_args.num_frames == 8 and args.model_max_length == 5120
         assert args.quant_type == "nf4" and args.double_quant  # the published defaults
     else:
@@ -115,7 +135,7 @@ def test_published_script_flag_sets_parse(flags, tmp_path):
 def test_finetune_qlora_launcher_flags(tmp_path):
     """run_scripts/finetune_qlora.sh: the seed's QLoRA recipe on top of finetune.sh, ZeRO-2."""
     flags = launched_flags("finetune_qlora.sh", tmp_path, "--max_steps", "3")
-    model_args, data_args, args = mm_train.parse_args(flags)
+    model_args, data_args, args = mm_args.parse_args(flags)
     assert model_args.model_path == "Qwen/Qwen2.5-7B-Instruct" and not model_args.tune_compressor
     assert (args.bits, args.quant_type, args.double_quant) == (4, "nf4", True)
     assert (args.lora_enable, args.lora_r, args.lora_alpha, args.mm_projector_lr) == (True, 64, 128, 2e-5)
@@ -123,7 +143,7 @@ def test_finetune_qlora_launcher_flags(tmp_path):
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 1)  # global 2 over 2 processes
     assert args.save_steps == 2000 and args.model_max_length == 5120 and data_args.num_frames == 8
     assert args.deepspeed.endswith("zero2.json")
-    mm_train.check_quantization_flags(args)
+    mm_args.check_quantization_flags(args)
 
 
 @pytest.mark.parametrize(
@@ -138,13 +158,21 @@ def test_finetune_qlora_launcher_flags(tmp_path):
         ("--tune_adapter_llm true --freeze_backbone True", (False, True, True, True)),
         ("--freeze_backbone", (False, True, True, True)),
         ("--freeze_mm_mlp_adapter True", (True, False, False, True)),
-        ("--tune_adapter_llm true --freeze_mm_mlp_adapter True --freeze_mamba_compressor true", (True, False, False, False)),
+        (
+            "--tune_adapter_llm true --freeze_mm_mlp_adapter True --freeze_mamba_compressor true",
+            (True, False, False, False),
+        ),
         ("--tune_adapter_llm false", (False, True, True, True)),
     ],
 )
 def test_published_trainable_switches(flags, expected, tmp_path):
     model_args = _parse(flags, tmp_path)[0]
-    got = (model_args.tune_llm, model_args.tune_mm_projector, model_args.tune_audio_projector, model_args.tune_compressor)
+    got = (
+        model_args.tune_llm,
+        model_args.tune_mm_projector,
+        model_args.tune_audio_projector,
+        model_args.tune_compressor,
+    )
     assert got == expected
 
 
@@ -162,8 +190,8 @@ def test_published_names_errors(tmp_path):
 
 def test_quantization_flag_checks(tmp_path):
     with pytest.raises(ValueError, match="--bits 4 freezes the quantized LLM: add --lora_enable True"):
-        mm_train.check_quantization_flags(_parse("--bits 4", tmp_path)[2])
+        mm_args.check_quantization_flags(_parse("--bits 4", tmp_path)[2])
     pytest.importorskip("deepspeed")
     zero3 = _parse(f"--bits 8 --lora_enable True --deepspeed {ZERO3}", tmp_path)[2]
     with pytest.raises(ValueError, match="ZeRO-3"):
-        mm_train.check_quantization_flags(zero3)
+        mm_args.check_quantization_flags(zero3)

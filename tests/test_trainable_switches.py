@@ -14,6 +14,7 @@ import torch
 
 from multimood import MultimoodForConditionalGeneration
 from multimood.training import train as mm_train
+from multimood.training.assembly import configure_trainable
 from tests.model_utils import tiny_config
 
 # Parameter-name prefix of each switch's block (the tied LM head shares the embedding matrix).
@@ -47,10 +48,24 @@ def parsed(tmp_path, *flags: str):
 SWITCH_CASES = {
     "defaults": ([], DEFAULT_ON),
     **{f"{switch} False": ([f"--{switch}", "False"], DEFAULT_ON - {switch}) for switch in sorted(DEFAULT_ON)},
-    **{f"{switch} True": ([f"--{switch}", "True"], DEFAULT_ON | {switch}) for switch in ("tune_vision_tower", "tune_audio_tower")},
-    "seed aliases": (["--tune_adapter_llm", "False", "--freeze_mamba_compressor", "True"], DEFAULT_ON - {"tune_llm", "tune_compressor"}),
-    "only the towers": ([*(x for s in sorted(DEFAULT_ON) for x in (f"--{s}", "False")), "--tune_vision_tower", "True",
-                         "--tune_audio_tower", "True"], {"tune_vision_tower", "tune_audio_tower"}),
+    **{
+        f"{switch} True": ([f"--{switch}", "True"], DEFAULT_ON | {switch})
+        for switch in ("tune_vision_tower", "tune_audio_tower")
+    },
+    "seed aliases": (
+        ["--tune_adapter_llm", "False", "--freeze_mamba_compressor", "True"],
+        DEFAULT_ON - {"tune_llm", "tune_compressor"},
+    ),
+    "only the towers": (
+        [
+            *(x for s in sorted(DEFAULT_ON) for x in (f"--{s}", "False")),
+            "--tune_vision_tower",
+            "True",
+            "--tune_audio_tower",
+            "True",
+        ],
+        {"tune_vision_tower", "tune_audio_tower"},
+    ),
 }
 
 
@@ -58,7 +73,7 @@ SWITCH_CASES = {
 def test_full_fine_tuning_switches(model, tmp_path, case):
     flags, expected = SWITCH_CASES[case]
     model_args, _, _ = parsed(tmp_path, *flags)
-    mm_train.configure_trainable(model, model_args)
+    configure_trainable(model, model_args)
     trained = {block_of(n) for n, p in model.named_parameters() if p.requires_grad}
     frozen = {block_of(n) for n, p in model.named_parameters() if not p.requires_grad}
     assert trained == expected and not trained & frozen  # whole blocks, nothing else
@@ -81,7 +96,7 @@ def test_lora_keeps_the_base_frozen(tmp_path, case):
     model_args, _, training_args = parsed(tmp_path, "--lora_enable", "True", "--lora_r", "4", *flags)
     torch.manual_seed(0)
     model = MultimoodForConditionalGeneration(tiny_config())
-    mm_train.configure_trainable(model, model_args)
+    configure_trainable(model, model_args)
     peft_model = mm_train.apply_lora(model, model_args, training_args)
     lora, copies, other = set(), set(), []
     for name, param in peft_model.named_parameters():

@@ -17,8 +17,15 @@ import pytest
 
 from multimood.training import train as mm_train
 from tests.optional_deps import import_or_skip
-from tests.test_training import RUN_SCRIPTS, _free_port, _logged_losses, _run_killing_group, _tiny_argv, _vocab
-from tests.test_training import sample_data  # noqa: F401  (the session fixture)
+from tests.test_training import (
+    RUN_SCRIPTS,
+    _free_port,
+    _logged_losses,
+    _run_killing_group,
+    _tiny_argv,
+    _vocab,
+    sample_data,  # noqa: F401  (the session fixture)
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -51,8 +58,14 @@ def _argv(data: dict, model: Path, output_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.timeout(1500)  # the first DeepSpeed run on a machine compiles its CPU shm-comm extension (minutes)
 def test_zero3_two_ranks_matches_single_process_losses(sample_data, tmp_path):  # noqa: F811
     import_or_skip("deepspeed", "train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONHASHSEED": "0",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
+    }
     script = str(RUN_SCRIPTS / "run_multimood.py")
     initial = _initial_model(sample_data, tmp_path / "initial")
 

@@ -20,8 +20,8 @@ Renames (published -> multimood), everything else keeps its name:
 | `model.{embed_tokens,layers,norm}.*` | `model.language_model.*` |
 | `model.vision_tower.vision_tower.vision_model.*` | `model.vision_tower.*` (transformers 5 SigLIP layout) |
 | `model.mm_projector.{0,2}.*` (`mlp2x_gelu`) | `model.mm_projector.readout.{0,2}.*` |
-| `model.audio_tower.encoder.pos_conv.0.weight_g` / `weight_v` | `...pos_conv.0.parametrizations.weight.original0` / `original1` |
-| `model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.weight` | `model.audio_tower.encoder.relative_attention_bias.weight` |
+| `model.audio_tower.encoder.pos_conv.0.weight_g` / `_v` | `...pos_conv.0.parametrizations.weight.original0` / `1` |
+| `model.audio_tower.encoder.layers.0.self_attn.relative_attention_bias.*` | `...encoder.relative_attention_bias.*` |
 
 Tensors that are read but not used are reported, never dropped silently: the BEATs AudioSet classifier
 (`predictor.*`), the per-layer copies of the shared relative position bias (layers 1..N-1, checked equal
@@ -30,9 +30,10 @@ with tied embeddings. Unknown tensors are reported too (`--strict` makes them an
 to the log and to `conversion_report.json` in the output folder. A tensor the model needs and no source
 provides is an error that names it.
 
-The published profile: the output folder reproduces the published system, not only its weights, so
-`multimood predict` + `multimood evaluate` on it is the paper's protocol with no extra flags. It gets the
-processor setting `prompt_style` (default `"published-eval"`, the prompt of the published evaluation;
+The published profile: the output folder reproduces the published system, not only its weights, so `multimood
+predict` + `multimood evaluate` on it is the paper's protocol with no extra flags. Its processor gets the published
+frames per clip and aspect ratio (config.json's `num_frames` / `image_aspect_ratio`, else the published code's
+fallbacks 8 and `square`), `prompt_style` (default `"published-eval"`, the prompt of the published evaluation;
 `--prompt_style` chooses another), the published audio window rule (`audio_window_rule="pytorchvideo-0.1.5"`),
 `inject_history_memory=False` (the published LLM never received the compressor's memory tokens; True only with
 `--prompt_style multimood`, whose prompts hold `<history>` placeholders), BEATs `encoder_layerdrop=0.05` (the
@@ -55,7 +56,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -65,10 +65,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, Qwen2Config
 
 from ..cli import run_command
-from .hub import check_model_folder
+from ..model.configuration_multimood import MAMBA_370M, BeatsConfig, MultimoodConfig
+from ..model.modeling_multimood import MultimoodForConditionalGeneration
+from ..model.processing_multimood import PROMPT_STYLES, MultimoodProcessor
 from ..model.records import MultimoodError
+from ..model.video_processing_multimood import MultimoodVideoProcessor
+from .assembly import (
+    build_processor,
+    fit_config_to_processor,
+    fit_processor_to_model,
+    set_media_settings,
+    split_processor_settings,
+)
+from .model_folder import (
+    PROCESSOR_CONFIG_NAME,
+    check_model_folder,
+    is_hub_id,
+    read_json_config,
+    save_model_folder,
+)
+from .weights import (
+    BEATS_WEIGHT_NORM,
+    beats_config_from_cfg,
+    convert_beats_state_dict,
+    group_keys,
+    read_beats_checkpoint,
+    read_folder_weights,
+    read_state_dict,
+)
 
 logger = logging.getLogger("multimood.convert")
 
@@ -111,14 +138,6 @@ PUBLISHED_AUDIO_WINDOW_RULE = "pytorchvideo-0.1.5"
 # the published evaluation's decoding (inference_eval: do_sample=False, max_new_tokens=2048; its temperature 0.0 and
 # top_p 0.9 do nothing in greedy decoding)
 PUBLISHED_GENERATION = {"do_sample": False, "max_new_tokens": 2048}
-PROMPT_STYLES = ("published-eval", "published-train", "multimood")
-PROCESSOR_CONFIG_NAME = "processor_config.json"
-
-BEATS_WEIGHT_NORM = {
-    "encoder.pos_conv.0.weight_g": "encoder.pos_conv.0.parametrizations.weight.original0",
-    "encoder.pos_conv.0.weight_v": "encoder.pos_conv.0.parametrizations.weight.original1",
-}
-_BEATS_LAYER_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.relative_attention_bias\.(\w+)$")
 _MLP_INDEX = re.compile(r"^(\d+)\.(weight|bias)$")
 MAMBA_EMBEDDINGS = "model.mamba_compressor.mamba.embeddings.weight"
 
@@ -194,10 +213,13 @@ class ConversionReport:
 
     def log(self) -> None:
         logger.info("converted %d tensors from %s", len(self.renamed), self.source)
-        for title, entries, level in (("unused", self.unused, logging.WARNING), ("unknown", self.unknown, logging.WARNING)):
+        for title, entries, level in (
+            ("unused", self.unused, logging.WARNING),
+            ("unknown", self.unknown, logging.WARNING),
+        ):
             if entries:
                 logger.log(level, "%d %s tensor(s) in the checkpoint (see %s):", len(entries), title, REPORT_NAME)
-                for pattern, (count, reason) in _group_keys(entries).items():
+                for pattern, (count, reason) in group_keys(entries).items():
                     logger.log(level, "  %s%s: %s", pattern, f" (x{count})" if count > 1 else "", reason)
         for key, what in self.adjusted.items():
             logger.info("adjusted %s: %s", key, what)
@@ -209,202 +231,9 @@ class ConversionReport:
             logger.warning("note: %s", note)
 
 
-def _group_keys(entries: dict[str, str]) -> dict[str, tuple[int, str]]:
-    """Collapse per-layer keys (`layers.3.` -> `layers.N.`) with the same reason, for a readable log."""
-    groups: dict[str, tuple[int, str]] = {}
-    for key, reason in entries.items():
-        pattern = re.sub(r"\.\d+\.", ".N.", key)
-        count, _ = groups.get(pattern, (0, reason))
-        groups[pattern] = (count + 1, reason)
-    return groups
-
-
 # ----------------------------------------------------------------------------------------------
-# Reading checkpoints
+# Sub-configs read off the tensors
 # ----------------------------------------------------------------------------------------------
-
-
-def load_weight_file(path: str | os.PathLike) -> dict[str, Any]:
-    """All entries of one `.safetensors` / `.bin` / `.pt` file; pickles are read with `weights_only=True`."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for every damage
-            if isinstance(error, OSError):
-                raise
-            raise ConversionError(f"{path}: truncated or damaged safetensors file ({' '.join(str(error).split())})") from None
-    state = load_pickled_weights(path)
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
-def load_pickled_weights(path: str | os.PathLike) -> Any:
-    """`torch.load(path, weights_only=True)`: a pickle holding anything but tensors and plain containers is
-    refused with a `ConversionError` naming the file (never retried without `weights_only`)."""
-    try:
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise ConversionError(
-            f"{path}: refused to load: the pickle holds objects other than tensors"
-            + (f" ({blocked[0]})" if blocked else "")
-            + "; only tensor checkpoints are read (save it as safetensors from a source you trust)"
-        ) from None
-    except (EOFError, RuntimeError, OSError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise ConversionError(f"{path}: truncated or damaged checkpoint ({' '.join(str(error).split())})") from None
-
-
-def list_weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint folder: those of an index json, else the usual file names."""
-    folder = Path(folder)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not (folder / name).is_file()]
-            if missing:
-                raise ConversionError(f"{index} lists shard(s) that are not in the folder: {', '.join(missing)}")
-            return [folder / name for name in files]
-    for pattern in ("model.safetensors", "pytorch_model.bin", "model-*.safetensors", "pytorch_model-*.bin", "*.safetensors"):
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    raise ConversionError(
-        f"{folder}: no weights found (expected an index json, model*.safetensors or pytorch_model*.bin)"
-    )
-
-
-def read_state_dict(folder: str | os.PathLike, report: ConversionReport | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a (sharded) checkpoint folder; duplicate keys across shards and non-tensors are errors/reports."""
-    state: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for file in list_weight_files(folder):
-        for key, value in load_weight_file(file).items():
-            if key in state:
-                raise ConversionError(f"{key} is in both {origin[key]} and {file.name}")
-            if not isinstance(value, torch.Tensor):
-                if report is not None:
-                    report.unknown[key] = f"not a tensor ({type(value).__name__}) in {file.name}"
-                continue
-            state[key] = value
-            origin[key] = file.name
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = Path(folder) / index_name
-        if index.is_file() and report is not None:
-            listed = set((json.loads(index.read_text()).get("weight_map") or {}))
-            absent = sorted(listed - set(state))
-            if absent:
-                report.notes.append(f"{index_name} lists {len(absent)} tensor(s) the shards do not hold: {absent[:5]}")
-            break
-    return state
-
-
-def _read_folder_weights(source: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(folder, tensors) of a local folder or, when online, a Hub repo id (config, safetensors and bin files)."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        from huggingface_hub import snapshot_download  # noqa: PLC0415
-
-        path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    return path, {k: v for k, v in read_state_dict(path).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# BEATs
-# ----------------------------------------------------------------------------------------------
-
-
-def beats_key(key: str) -> tuple[str | None, str | None]:
-    """(multimood BEATs key, None) for a published BEATs key relative to the tower, or (None, why it is unused).
-
-    Layer 0's relative position bias becomes the one shared `encoder.relative_attention_bias`; the copies of
-    the other layers are unused (the caller checks that they equal layer 0's)."""
-    if key.startswith("predictor.") or key.startswith("predictor_dropout."):
-        return None, "BEATs AudioSet classifier (predictor): not part of the encoder, MultiMood never uses it"
-    if key.startswith("label_embedding."):
-        return None, "BEATs label embedding of pre-training: not part of the encoder"
-    if key in BEATS_WEIGHT_NORM:
-        return BEATS_WEIGHT_NORM[key], None
-    match = _BEATS_LAYER_BIAS.match(key)
-    if match:
-        if match.group(1) == "0":
-            return f"encoder.relative_attention_bias.{match.group(2)}", None
-        return None, "per-layer copy of the relative position bias that all layers share (layer 0's is used)"
-    return key, None
-
-
-def convert_beats_state_dict(
-    state: dict[str, torch.Tensor], unused: dict[str, str] | None = None, prefix: str = ""
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(our-layout tensors, {source key: our key}) of BEATs tensors keyed relative to the tower.
-
-    Unused tensors go to `unused` as {prefix + key: reason}. A per-layer bias copy that differs from layer 0's
-    is reported as such (the published model only ever uses layer 0's)."""
-    converted: dict[str, torch.Tensor] = {}
-    renamed: dict[str, str] = {}
-    for key, value in state.items():
-        new, reason = beats_key(key)
-        if new is None:
-            match = _BEATS_LAYER_BIAS.match(key)
-            if match:
-                first = state.get(f"encoder.layers.0.self_attn.relative_attention_bias.{match.group(2)}")
-                if first is None or first.shape != value.shape or not torch.equal(first, value):
-                    reason = "per-layer relative position bias that DIFFERS from layer 0's; the published model shares layer 0's"
-            if unused is not None:
-                unused[prefix + key] = reason
-            continue
-        converted[new] = value
-        renamed[key] = new
-    return converted, renamed
-
-
-def read_beats_checkpoint(path: str | os.PathLike, unused: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict in our BEATs layout, BEATs cfg) of an original BEATs `.pt` or a VideoLLaMA2 `audio_tower.bin`.
-
-    Read with `weights_only=True`. Prefixes `model.audio_tower.`, `audio_tower.`, `model.` are removed; the
-    weight-norm and shared-bias renames of `beats_key` apply; tensors not needed (the AudioSet `predictor`,
-    the bias copies of layers 1..N-1) go to `unused` (key -> reason) when given, and are logged."""
-    checkpoint = load_pickled_weights(path)
-    cfg: dict = {}
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        cfg = dict(checkpoint.get("cfg") or {})
-        checkpoint = checkpoint["model"]
-    state = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            if unused is not None:
-                unused[key] = f"not a tensor ({type(value).__name__})"
-            continue
-        for prefix in ("model.audio_tower.", "audio_tower.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        state[key] = value
-    dropped: dict[str, str] = {}
-    converted, _ = convert_beats_state_dict(state, dropped)
-    if dropped:
-        logger.info("%s: %d BEATs tensor(s) not used: %s", path, len(dropped), sorted(_group_keys(dropped)))
-    if unused is not None:
-        unused.update(dropped)
-    return converted, cfg
-
-
-def beats_config_from_cfg(cfg: dict) -> dict:
-    """The `BeatsConfig` fields of an original BEATs checkpoint's `cfg`."""
-    from ..model.configuration_multimood import BeatsConfig  # noqa: PLC0415
-
-    fields = set(BeatsConfig().to_dict())
-    return {k: v for k, v in cfg.items() if k in fields and k not in ("model_type", "transformers_version")}
 
 
 def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = None) -> tuple[dict, dict, dict]:
@@ -412,8 +241,6 @@ def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = N
 
     Shapes give the sizes; `max_distance`, `deep_norm`, `layer_norm_first`, `activation_fn` are not visible in
     the tensors and come from `cfg` or the BEATs defaults (reported as assumed)."""
-    from ..model.configuration_multimood import BeatsConfig  # noqa: PLC0415
-
     kwargs = beats_config_from_cfg(cfg or {})
     inferred: dict[str, Any] = {}
     patch = state.get("patch_embedding.weight")
@@ -445,7 +272,9 @@ def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = N
         inferred["conv_pos"] = int(direction.shape[2])
         inferred["conv_pos_groups"] = int(direction.shape[0] // direction.shape[1])
     if "encoder_attention_heads" not in inferred and "encoder_attention_heads" not in kwargs:
-        raise ConversionError("BEATs: the number of attention heads is not visible in the tensors; pass --audio_tower with a cfg")
+        raise ConversionError(
+            "BEATs: the number of attention heads is not visible in the tensors; pass --audio_tower with a cfg"
+        )
     defaults = BeatsConfig()
     assumed = {
         name: kwargs.get(name, getattr(defaults, name))
@@ -454,11 +283,6 @@ def beats_config_from_state(state: dict[str, torch.Tensor], cfg: dict | None = N
     }
     kwargs.update(inferred)
     return kwargs, inferred, assumed
-
-
-# ----------------------------------------------------------------------------------------------
-# Other sub-configs
-# ----------------------------------------------------------------------------------------------
 
 
 def _strip_vision_prefix(key: str) -> str:
@@ -470,7 +294,9 @@ def siglip_config_from_state(state: dict[str, torch.Tensor], name_hint: str | No
     patch = state.get("embeddings.patch_embedding.weight")
     positions = state.get("embeddings.position_embedding.weight")
     if patch is None or positions is None:
-        raise ConversionError("vision tower: missing required tensor embeddings.patch_embedding.weight / position_embedding.weight")
+        raise ConversionError(
+            "vision tower: missing required tensor embeddings.patch_embedding.weight / position_embedding.weight"
+        )
     hidden, channels, patch_size = int(patch.shape[0]), int(patch.shape[1]), int(patch.shape[-1])
     side = math.isqrt(int(positions.shape[0]))
     layers = {int(m.group(1)) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))}
@@ -495,8 +321,6 @@ def siglip_config_from_state(state: dict[str, torch.Tensor], name_hint: str | No
 
 def mamba_config_from_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(Mamba config kwargs, inferred) from `mamba.*` tensors (keys relative to the Mamba model)."""
-    from ..model.configuration_multimood import MAMBA_370M  # noqa: PLC0415
-
     if any(k.endswith("mixer.dt_bias") for k in state):
         raise ConversionError(
             "history compressor: these are Mamba2 tensors, whose head layout cannot be read off the shapes; "
@@ -528,13 +352,7 @@ def mamba_config_from_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]
 
 
 def _qwen2_fields() -> set[str]:
-    from transformers import Qwen2Config  # noqa: PLC0415
-
     return (set(Qwen2Config().to_dict()) | LEGACY_QWEN2_KEYS) - GENERIC_CONFIG_KEYS - {"layer_types"}
-
-
-def _is_hub_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not os.path.exists(value)
 
 
 def _dominant_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -593,7 +411,9 @@ def split_published(state: dict[str, torch.Tensor], report: ConversionReport) ->
                 rest = key[len(prefix):]
                 if block == "vision":
                     if rest.startswith("vision_model.head.") or rest.startswith("head."):
-                        report.unused[key] = "SigLIP attention-pooling head: MultiMood reads hidden states (vision_use_head=False)"
+                        report.unused[key] = (
+                            "SigLIP attention-pooling head: MultiMood reads hidden states (vision_use_head=False)"
+                        )
                         break
                     rest = _strip_vision_prefix(rest)
                 if block == "llm" and rest.endswith("rotary_emb.inv_freq"):
@@ -611,7 +431,9 @@ def _video_projector_layout(tensors: dict[str, torch.Tensor], declared: str | No
     """(mm_projector_type, connector kwargs) from the video projector tensors."""
     if any(k.startswith("s1.") for k in tensors):
         if declared not in (None, "stc_connector_v35"):
-            raise ConversionError(f"mm_projector_type {declared!r} is not supported (only stc_connector_v35 and mlp2x_gelu)")
+            raise ConversionError(
+                f"mm_projector_type {declared!r} is not supported (only stc_connector_v35 and mlp2x_gelu)"
+            )
         blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"^s1\.b(\d+)\.", k))}
         readout = {int(m.group(1)) for k in tensors if (m := re.match(r"^readout\.(\d+)\.weight$", k))}
         sampler = tensors.get("sampler.0.weight")
@@ -641,13 +463,6 @@ def _audio_projector_type(tensors: dict[str, torch.Tensor]) -> str:
     raise ConversionError(f"audio projector tensors {sorted(tensors)} are neither linear nor mlp2x_gelu")
 
 
-def build_processor(tokenizer: str | os.PathLike, model_max_length: int | None = None):
-    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
-
-    kwargs = {"model_max_length": int(model_max_length)} if model_max_length else {}
-    return MultimoodProcessor.from_tokenizer(str(tokenizer), **kwargs)
-
-
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
@@ -670,15 +485,12 @@ def _read_published_config(source: Path, report: ConversionReport) -> dict:
     if not config_path.is_file():
         raise ConversionError(f"{source}: no config.json (a published checkpoint folder holds config.json and "
                               "the weights)")
-    try:
-        published = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{config_path}: not a JSON config ({' '.join(str(error).split())})") from None
-    if not isinstance(published, dict):
-        raise ConversionError(f"{config_path}: expected a JSON object")
+    published = read_json_config(config_path, ConversionError)
     model_type = str(published.get("model_type", ""))
     if "qwen2" not in model_type.lower():
-        raise ConversionError(f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)")
+        raise ConversionError(
+            f"{config_path}: model_type {model_type!r} is not a Qwen2 VideoLLaMA 2 model (videollama2_qwen2)"
+        )
     qwen2_fields = _qwen2_fields()
     for key in published:
         if key in USED_CONFIG_KEYS or key in qwen2_fields:
@@ -692,41 +504,44 @@ def _read_published_config(source: Path, report: ConversionReport) -> dict:
 
 def _vision_block(groups: _Groups, vision_tower, published: dict, report: ConversionReport) -> dict:
     """The SigLIP config; fills `groups.vision` from `vision_tower` when the checkpoint has no vision weights."""
-    from transformers import AutoConfig  # noqa: PLC0415
-
     vision_config = None
     if vision_tower is not None:
         vision_config = AutoConfig.from_pretrained(str(vision_tower))
         vision_config = getattr(vision_config, "vision_config", vision_config).to_dict()
         vision_config["vision_use_head"] = False
-        if _is_hub_id(str(vision_tower)):
+        if is_hub_id(str(vision_tower)):
             vision_config["_name_or_path"] = str(vision_tower)
     if groups.vision:
         report.other_sources["vision_tower"] = "checkpoint"
         if vision_tower is not None:
-            report.notes.append(f"--vision_tower {vision_tower}: only its config was used (the checkpoint holds the weights)")
+            report.notes.append(
+                f"--vision_tower {vision_tower}: only its config was used (the checkpoint holds the weights)"
+            )
     elif vision_tower is None:
         raise ConversionError(
             "the checkpoint holds no vision tower (model.vision_tower.vision_tower.vision_model.*) and no "
             "--vision_tower FOLDER (SigLIP config and weights) was given"
         )
     else:
-        folder, tensors = _read_folder_weights(vision_tower)
+        folder, tensors = read_folder_weights(vision_tower)
         for key, value in tensors.items():
             if key.startswith(("text_model.", "logit_", "vision_model.head.", "head.")):
-                report.other_sources_unused[f"{folder.name}:{key}"] = "not part of the SigLIP vision encoder MultiMood uses"
+                report.other_sources_unused[f"{folder.name}:{key}"] = (
+                    "not part of the SigLIP vision encoder MultiMood uses"
+                )
             else:
                 groups.vision[_strip_vision_prefix(key)] = value
         report.other_sources["vision_tower"] = str(folder)
     if vision_config is None:
         hint = published.get("mm_vision_tower") or published.get("vision_tower")
-        vision_config, inferred = siglip_config_from_state(groups.vision, hint if _is_hub_id(hint) else None)
+        vision_config, inferred = siglip_config_from_state(groups.vision, hint if is_hub_id(hint) else None)
         report.inferred["vision_config"] = inferred
     return vision_config
 
 
 def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tuple[dict, dict[str, str], dict]:
-    """(our-layout BEATs tensors, {our relative key: published key}, BEATs config) from the checkpoint or `audio_tower`."""
+    """(our-layout BEATs tensors, {our relative key: published key}, BEATs config) from the checkpoint or
+    `audio_tower`."""
     beats_cfg: dict = {}
     source_keys: dict[str, str] = {}
     if groups.audio:
@@ -737,7 +552,9 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
         report.other_sources["audio_tower"] = "checkpoint"
         if audio_tower is not None:
             _, beats_cfg = read_beats_checkpoint(audio_tower)
-            report.notes.append(f"--audio_tower {audio_tower}: only its cfg was used (the checkpoint holds the weights)")
+            report.notes.append(
+                f"--audio_tower {audio_tower}: only its cfg was used (the checkpoint holds the weights)"
+            )
     elif audio_tower is not None:
         unused = {}
         audio_state, beats_cfg = read_beats_checkpoint(audio_tower, unused)
@@ -745,7 +562,8 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
         report.other_sources["audio_tower"] = str(audio_tower)
     else:
         raise ConversionError(
-            "the checkpoint holds no audio tower (model.audio_tower.*) and no --audio_tower FILE (BEATs .pt/.bin) was given"
+            "the checkpoint holds no audio tower (model.audio_tower.*) and no --audio_tower FILE (BEATs .pt/.bin) "
+            "was given"
         )
     audio_config, inferred, assumed = beats_config_from_state(audio_state, beats_cfg)
     report.inferred["audio_config"] = inferred
@@ -758,8 +576,6 @@ def _audio_block(groups: _Groups, audio_tower, report: ConversionReport) -> tupl
 
 def _compressor_block(groups: _Groups, mamba_compressor, published: dict, report: ConversionReport) -> dict | None:
     """The Mamba config of the history compressor (None when the checkpoint has none)."""
-    from transformers import AutoConfig  # noqa: PLC0415
-
     if not groups.compressor:
         if mamba_compressor is not None:
             raise ConversionError(
@@ -774,13 +590,13 @@ def _compressor_block(groups: _Groups, mamba_compressor, published: dict, report
         return None
     if mamba_compressor is not None:
         config = AutoConfig.from_pretrained(str(mamba_compressor)).to_dict()
-        if _is_hub_id(str(mamba_compressor)):
+        if is_hub_id(str(mamba_compressor)):
             config["_name_or_path"] = str(mamba_compressor)
         return config
     mamba_state = {k[len("mamba."):]: v for k, v in groups.compressor.items() if k.startswith("mamba.")}
     config, inferred = mamba_config_from_state(mamba_state)
     report.inferred["compressor_config"] = inferred
-    if _is_hub_id(published.get("mamba_compressor")):
+    if is_hub_id(published.get("mamba_compressor")):
         config["_name_or_path"] = published["mamba_compressor"]
     return config
 
@@ -793,7 +609,10 @@ def _text_block(groups: _Groups, published: dict, report: ConversionReport) -> d
     if embed is None:
         raise ConversionError("missing required tensor model.embed_tokens.weight")
     if published.get("vocab_size") not in (None, embed.shape[0]):
-        report.notes.append(f"vocab_size {published.get('vocab_size')} in config.json, {embed.shape[0]} in the tensors: using the tensors")
+        report.notes.append(
+            f"vocab_size {published.get('vocab_size')} in config.json, {embed.shape[0]} in the tensors: "
+            "using the tensors"
+        )
     text_config["vocab_size"] = int(embed.shape[0])
     tie = bool(published.get("tie_word_embeddings", False))
     if groups.lm_head is None and not tie:
@@ -803,31 +622,22 @@ def _text_block(groups: _Groups, published: dict, report: ConversionReport) -> d
     return text_config
 
 
-def _media_settings(groups: _Groups, published: dict, report: ConversionReport) -> dict[str, Any]:
-    """Projector types, connector shape, frames and aspect ratio (tensors first, then config.json, then the
-    published code's fallbacks, reported as assumed)."""
+def _connector_settings(groups: _Groups, published: dict, report: ConversionReport) -> dict[str, Any]:
+    """Projector types and connector shape (tensors first, then config.json)."""
     video_type, connector = _video_projector_layout(groups.video_projector, published.get("mm_projector_type"))
     if published.get("mm_projector_type") not in (None, video_type):
-        raise ConversionError(f"config.json says mm_projector_type {published['mm_projector_type']!r}, the tensors are {video_type}")
+        raise ConversionError(
+            f"config.json says mm_projector_type {published['mm_projector_type']!r}, the tensors are {video_type}"
+        )
     audio_type = _audio_projector_type(groups.audio_projector)
     if published.get("mm_projector_a_type") not in (None, audio_type):
-        report.notes.append(
-            f"config.json says mm_projector_a_type {published['mm_projector_a_type']!r} but the tensors are {audio_type}: using {audio_type}"
-        )
+        report.notes.append(f"config.json says mm_projector_a_type {published['mm_projector_a_type']!r} but the "
+                            f"tensors are {audio_type}: using {audio_type}")
     select_feature = published.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
-        raise ConversionError(f"mm_vision_select_feature {select_feature!r} is not supported (MultiMood uses all patches)")
-    if "num_frames" in published:
-        num_frames = int(published["num_frames"])
-    else:
-        num_frames = PUBLISHED_DEFAULT_NUM_FRAMES
-        report.assumed["num_frames"] = num_frames
-    aspect = published.get("image_aspect_ratio")
-    if aspect is None:
-        aspect = PUBLISHED_DEFAULT_ASPECT_RATIO
-        report.assumed["image_aspect_ratio"] = aspect
-    if aspect != "pad":
-        report.notes.append(f"image_aspect_ratio {aspect!r}: frames are resized without padding (image_aspect_ratio='none')")
+        raise ConversionError(
+            f"mm_vision_select_feature {select_feature!r} is not supported (MultiMood uses all patches)"
+        )
     pooling = {}
     if video_type == "mlp2x_gelu":  # the published temporal_aggregator averages the frames before this projector
         pooling = {"video_frame_pooling": "mean"}
@@ -838,9 +648,26 @@ def _media_settings(groups: _Groups, published: dict, report: ConversionReport) 
         **pooling,
         "mm_projector_a_type": audio_type,
         "mm_vision_select_layer": int(published.get("mm_vision_select_layer", -2)),
-        "num_frames": num_frames,
-        "image_aspect_ratio": "pad" if aspect == "pad" else "none",
     }
+
+
+def _published_media_settings(published: dict, report: ConversionReport) -> dict[str, Any]:
+    """The processor's frames and aspect ratio: config.json, else the published code's fallbacks (reported as
+    assumed)."""
+    if "num_frames" in published:
+        num_frames = int(published["num_frames"])
+    else:
+        num_frames = PUBLISHED_DEFAULT_NUM_FRAMES
+        report.assumed["num_frames"] = num_frames
+    aspect = published.get("image_aspect_ratio")
+    if aspect is None:
+        aspect = PUBLISHED_DEFAULT_ASPECT_RATIO
+        report.assumed["image_aspect_ratio"] = aspect
+    if aspect != "pad":
+        report.notes.append(
+            f"image_aspect_ratio {aspect!r}: frames are resized without padding (image_aspect_ratio='none')"
+        )
+    return {"num_frames": num_frames, "image_aspect_ratio": "pad" if aspect == "pad" else "none"}
 
 
 def _collect_tensors(
@@ -921,7 +748,11 @@ def _check_complete(tensors: dict, expected: dict[str, tuple], config, source: P
         names = [f"{to_published_key(k, config) or k} (multimood: {k})" for k in missing]
         raise ConversionError(f"missing required tensor(s) in {source}: " + "; ".join(names[:20])
                               + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
-    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}" for k, v in tensors.items() if tuple(v.shape) != expected[k]]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}"
+        for k, v in tensors.items()
+        if tuple(v.shape) != expected[k]
+    ]
     if wrong:
         raise ConversionError("tensor shapes do not match the inferred config: " + "; ".join(wrong[:10]))
     if strict and report.unknown:
@@ -948,88 +779,42 @@ def convert(
 
     The model is assembled on the meta device and takes the (memory-mapped) checkpoint tensors as they are
     (`load_state_dict(assign=True)`), so a 7B checkpoint is converted without a second copy in memory."""
-    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
-    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-
     if prompt_style not in PROMPT_STYLES:
         raise ConversionError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
     source, output = Path(source).expanduser(), Path(output).expanduser()
     _check_output(output, overwrite)
     report = ConversionReport(source=str(source), output=str(output))
     published = _read_published_config(source, report)
-    groups = split_published(read_state_dict(source, report), report)
-
-    if tokenizer is None:
-        if not _has_tokenizer(source):
-            raise ConversionError(f"no tokenizer: {source} holds no tokenizer files; pass --tokenizer FOLDER")
-        tokenizer = source
-    processor = build_processor(tokenizer, published.get("tokenizer_model_max_length"))
-    ids = processor.special_token_ids
-    report.special_tokens = {**ids, "pad_token_id": processor.pad_token_id, "len_tokenizer": len(processor.tokenizer)}
-
-    vision_config = _vision_block(groups, vision_tower, published, report)
-    audio_state, audio_source_keys, audio_config = _audio_block(groups, audio_tower, report)
-    compressor_config = _compressor_block(groups, mamba_compressor, published, report)
-    text_config = _text_block(groups, published, report)
-    # The vocabulary must hold every processor token; the compressor reads the LLM's ids.
-    vocab = max(text_config["vocab_size"], len(processor.tokenizer))
-    text_config.update(vocab_size=vocab, pad_token_id=processor.pad_token_id)
-    if text_config.get("eos_token_id") is None and processor.tokenizer.eos_token_id is not None:
-        text_config["eos_token_id"] = processor.tokenizer.eos_token_id
-    if compressor_config is not None:
-        compressor_config["vocab_size"] = vocab
-    kwargs: dict[str, Any] = {
-        "text_config": text_config,
-        "vision_config": vision_config,
-        "audio_config": audio_config,
-        "compressor_config": compressor_config,
-        **_media_settings(groups, published, report),
-        "image_size": int(vision_config["image_size"]),
-        "inject_history_memory": prompt_style == "multimood",
-        **ids,
-    }
-    report.profile["inject_history_memory"] = kwargs["inject_history_memory"]
-    if prompt_style == "multimood":
-        report.notes.append(
-            "--prompt_style multimood: memory tokens are injected at the <history> placeholders of its prompts, "
-            "which the published LLM never received"
-        )
-    if config_overrides:
-        kwargs = _merge_overrides(kwargs, config_overrides)
-        report.notes.append(f"config overrides applied: {json.dumps(config_overrides, default=str)}")
-    config = MultimoodConfig(**kwargs)
+    groups = split_published(read_state_dict(source, report.unknown, report.notes), report)
+    processor = _published_processor(source, tokenizer, published, prompt_style, report)
+    towers = _Towers(vision_tower, audio_tower, mamba_compressor)
+    config, audio_state, audio_source_keys = _published_model_config(
+        groups, towers, processor, published, prompt_style, config_overrides, report
+    )
+    fit_processor_to_model(processor, config)
 
     with torch.device("meta"):  # a skeleton: names and shapes, no memory
         model = MultimoodForConditionalGeneration(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tensors = _collect_tensors(groups, audio_state, audio_source_keys, config, expected, report)
     del groups, audio_state
-    _fit_vocabulary(tensors, config.text_config.vocab_size, ids["mem_token_id"], published.get("mem_token_id"), report)
+    mem_token_id = processor.mem_token_id
+    _fit_vocabulary(tensors, config.text_config.vocab_size, mem_token_id, published.get("mem_token_id"), report)
     _check_complete(tensors, expected, config, source, report, strict)
-
-    target_dtype = _dominant_dtype(tensors) if dtype == "auto" else getattr(torch, dtype)
-    cast = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != target_dtype)
-    if cast:
-        report.notes.append(f"{len(cast)} tensor(s) cast to {target_dtype}: {cast[:5]}")
-        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    report.dtype = str(target_dtype).replace("torch.", "")
-    config.dtype = target_dtype
+    tensors = _cast(tensors, dtype, report)
+    config.dtype = getattr(torch, report.dtype)
     config.tokenizer_model_max_length = processor.model_max_length
     model.load_state_dict(tensors, strict=True if not config.tie_word_embeddings else False, assign=True)
     model.tie_weights()
 
-    from ..training.train import sync_processor_with_config  # noqa: PLC0415
-
-    sync_processor_with_config(processor, config)
     if output.exists():
         shutil.rmtree(output)  # only now: a failed conversion leaves an existing output alone
     output.mkdir(parents=True)
     for name, value in PUBLISHED_GENERATION.items():
         setattr(model.generation_config, name, value)
         report.profile[f"generation_config.{name}"] = value
-    model.save_pretrained(output)
-    _save_published_processor(processor, output, prompt_style, report)
-    _save_pipeline_files(output)
+    save_model_folder(model, processor, output)
+    _state_prompt_style(output, prompt_style)
     del model
     if verify:
         _verify(output, tensors, report)
@@ -1038,37 +823,96 @@ def convert(
     return report
 
 
-def _save_published_processor(processor, output: Path, prompt_style: str, report: ConversionReport) -> None:
-    """Save the processor with the published prompt style and audio window rule.
+@dataclass
+class _Towers:
+    """The towers' own sources given on the command line (None: read from the checkpoint)."""
 
-    `prompt_style` is written into `processor_config.json` whatever this processor version does with it, so the
+    vision: str | os.PathLike | None = None
+    audio: str | os.PathLike | None = None
+    compressor: str | os.PathLike | None = None
+
+
+def _published_processor(
+    source: Path, tokenizer: str | os.PathLike | None, published: dict, prompt_style: str, report: ConversionReport
+) -> MultimoodProcessor:
+    """The processor of the published system: its tokenizer (plus the multimood tokens), frames, aspect ratio,
+    audio window rule, prompt style and text budget."""
+    if tokenizer is None:
+        if not _has_tokenizer(source):
+            raise ConversionError(f"no tokenizer: {source} holds no tokenizer files; pass --tokenizer FOLDER")
+        tokenizer = source
+    max_length = published.get("tokenizer_model_max_length")
+    processor = build_processor(
+        tokenizer, _published_media_settings(published, report), prompt_style=prompt_style,
+        **({"model_max_length": int(max_length)} if max_length else {}),
+    )
+    processor.feature_extractor.audio_window_rule = PUBLISHED_AUDIO_WINDOW_RULE
+    report.profile["feature_extractor.audio_window_rule"] = PUBLISHED_AUDIO_WINDOW_RULE
+    report.profile["processor.prompt_style"] = prompt_style
+    report.special_tokens = {
+        **processor.special_token_ids, "pad_token_id": processor.pad_token_id, "len_tokenizer": len(processor.tokenizer)
+    }
+    return processor
+
+
+def _published_model_config(
+    groups: _Groups, towers: _Towers, processor: MultimoodProcessor, published: dict, prompt_style: str,
+    config_overrides: dict | None, report: ConversionReport,
+) -> tuple[MultimoodConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, BEATs tensors in our layout, {our BEATs key: published key}): every block's config read off the
+    tensors or the towers' own files, fitted to the processor's tokens, with the published profile and the
+    overrides applied."""
+    vision_config = _vision_block(groups, towers.vision, published, report)
+    audio_state, audio_source_keys, audio_config = _audio_block(groups, towers.audio, report)
+    compressor_config = _compressor_block(groups, towers.compressor, published, report)
+    text_config = _text_block(groups, published, report)
+    kwargs: dict[str, Any] = {
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "audio_config": audio_config,
+        "compressor_config": compressor_config,
+        **_connector_settings(groups, published, report),
+        "inject_history_memory": prompt_style == "multimood",
+    }
+    # The vocabulary must hold every processor token; the compressor reads the LLM's ids.
+    kwargs = fit_config_to_processor(kwargs, processor, max(text_config["vocab_size"], len(processor.tokenizer)))
+    report.profile["inject_history_memory"] = kwargs["inject_history_memory"]
+    if prompt_style == "multimood":
+        report.notes.append(
+            "--prompt_style multimood: memory tokens are injected at the <history> placeholders of its prompts, "
+            "which the published LLM never received"
+        )
+    if config_overrides:
+        overrides, settings = split_processor_settings(config_overrides)
+        kwargs = _merge_overrides(kwargs, overrides)
+        set_media_settings(processor, settings)  # frames, clips, audio windows: the processor's
+        report.notes.append(f"config overrides applied: {json.dumps(config_overrides, default=str)}")
+    return MultimoodConfig(**kwargs), audio_state, audio_source_keys
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: str, report: ConversionReport) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype` (auto: the checkpoint's dominant dtype); what was cast is noted."""
+    target_dtype = _dominant_dtype(tensors) if dtype == "auto" else getattr(torch, dtype)
+    cast = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != target_dtype)
+    if cast:
+        report.notes.append(f"{len(cast)} tensor(s) cast to {target_dtype}: {cast[:5]}")
+        tensors = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    report.dtype = str(target_dtype).replace("torch.", "")
+    return tensors
+
+
+def _state_prompt_style(output: Path, prompt_style: str) -> None:
+    """`prompt_style` written into `processor_config.json` whatever this processor version does with it, so the
     folder states the protocol it was converted for."""
-    if processor.feature_extractor is not None:
-        processor.feature_extractor.audio_window_rule = PUBLISHED_AUDIO_WINDOW_RULE
-        report.profile["feature_extractor.audio_window_rule"] = PUBLISHED_AUDIO_WINDOW_RULE
-    processor.prompt_style = prompt_style
-    processor.save_pretrained(output)
     path = output / PROCESSOR_CONFIG_NAME
     saved = json.loads(path.read_text(encoding="utf-8"))
     if saved.get("prompt_style") != prompt_style:
         saved["prompt_style"] = prompt_style
         path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    report.profile["processor.prompt_style"] = prompt_style
-
-
-def _save_pipeline_files(output: Path) -> None:
-    """Declare the "emotional-support" pipeline in the folder (when the pipeline module is available)."""
-    try:
-        from ..model.pipeline_multimood import save_pipeline_files  # noqa: PLC0415
-    except ImportError:
-        return
-    save_pipeline_files(output)
 
 
 def _verify(output: Path, tensors: dict[str, torch.Tensor], report: ConversionReport) -> None:
     """Reload the saved folder and compare every tensor with what was converted."""
-    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-
     reloaded = MultimoodForConditionalGeneration.from_pretrained(output, dtype="auto").state_dict()
     bad = [k for k, v in tensors.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
     if bad:
@@ -1116,8 +960,11 @@ def to_published_key(key: str, config) -> str | None:
     return None
 
 
-def published_config(config, tokenizer_len: int | None = None) -> dict[str, Any]:
-    """A `videollama2_qwen2` config.json for a multimood config (Qwen2 fields at the top, VideoLLaMA extras)."""
+def published_config(
+    config, video_processor: MultimoodVideoProcessor, tokenizer_len: int | None = None
+) -> dict[str, Any]:
+    """A `videollama2_qwen2` config.json for a multimood config (Qwen2 fields at the top, VideoLLaMA extras; the
+    frames and aspect ratio from the video processor)."""
     text = config.text_config.to_dict()
     out = {k: v for k, v in text.items() if k not in GENERIC_CONFIG_KEYS and k != "layer_types"}
     rope = text.get("rope_parameters") or {}
@@ -1132,8 +979,8 @@ def published_config(config, tokenizer_len: int | None = None) -> dict[str, Any]
         mm_hidden_size=config.vision_config.hidden_size,
         mm_vision_select_layer=config.mm_vision_select_layer,
         mm_vision_select_feature="patch",
-        image_aspect_ratio=config.image_aspect_ratio if config.image_aspect_ratio == "pad" else "square",
-        num_frames=config.num_frames,
+        image_aspect_ratio="pad" if video_processor.image_aspect_ratio == "pad" else "square",
+        num_frames=video_processor.num_frames,
         mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
         mm_projector_a_type=config.mm_projector_a_type,
         mm_hidden_size_a=config.audio_config.encoder_embed_dim,
@@ -1154,15 +1001,14 @@ def export_published(
     """Write a multimood folder in the published layout (`config.json` + `pytorch_model.bin` + tokenizer files).
 
     The BEATs classifier (`predictor`) is not restored (the multimood model has none); the shared relative
-    position bias is written once per layer, as the published state dict holds it."""
-    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
-
+    position bias is written once per layer, as the published state dict holds it. Frames and aspect ratio come
+    from the folder's processor (the defaults, noted in the report, when it has none)."""
     source, output = Path(source).expanduser(), Path(output).expanduser()
     _check_output(output, overwrite)
     report = ConversionReport(source=str(source), output=str(output), direction="multimood->published")
     check_model_folder(source, need_processor=False)
     config = MultimoodConfig.from_pretrained(source)
-    state = read_state_dict(source, report)
+    state = read_state_dict(source, report.unknown, report.notes)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = to_published_key(key, config)
@@ -1186,16 +1032,19 @@ def export_published(
         shutil.rmtree(output)
     output.mkdir(parents=True)
     torch.save(out, output / PUBLISHED_WEIGHTS_NAME)
-    tokenizer_len = None
+    processor = None
+    if (source / PROCESSOR_CONFIG_NAME).is_file():
+        processor = MultimoodProcessor.from_pretrained(source)
+    else:
+        report.notes.append(f"{source} holds no processor: the default frames and aspect ratio are written")
     if _has_tokenizer(source):
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                      "added_tokens.json", "chat_template.jinja"):
             if (source / name).is_file():
                 shutil.copyfile(source / name, output / name)
-        from transformers import AutoTokenizer  # noqa: PLC0415
-
-        tokenizer_len = len(AutoTokenizer.from_pretrained(str(source), trust_remote_code=True))
-    config_text = json.dumps(published_config(config, tokenizer_len), indent=2, default=str)
+    video_processor = processor.video_processor if processor is not None else MultimoodVideoProcessor()
+    tokenizer_len = len(processor.tokenizer) if processor is not None else None
+    config_text = json.dumps(published_config(config, video_processor, tokenizer_len), indent=2, default=str)
     (output / "config.json").write_text(config_text + "\n")
     report.write(output)
     report.log()
@@ -1213,7 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a published MultiMood / VideoLLaMA 2 (Qwen2) checkpoint folder into a multimood folder "
                     "(or, with --to-published, a multimood folder into the published layout).",
     )
-    parser.add_argument("source", help="published checkpoint folder (config.json + weights), or a multimood folder with --to-published")
+    parser.add_argument(
+        "source", help="published checkpoint folder (config.json + weights), or a multimood folder with --to-published"
+    )
     parser.add_argument("output", help="output folder (must be empty or absent unless --overwrite)")
     parser.add_argument("--tokenizer", help="tokenizer folder for the processor (default: the checkpoint folder)")
     parser.add_argument("--vision_tower", "--vision-tower",
@@ -1227,9 +1078,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt_style", "--prompt-style", default="published-eval", choices=PROMPT_STYLES,
                         help="prompt style written into the processor (default: published-eval, the prompt of the "
                              "published evaluation; see docs/fidelity.md)")
-    parser.add_argument("--config_overrides", "--config-overrides",
-                        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"num_frames\": 16}'")
-    parser.add_argument("--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them")
+    parser.add_argument(
+        "--config_overrides",
+        "--config-overrides",
+        help="JSON (string or file) merged into the MultimoodConfig kwargs, e.g. '{\"inject_history_memory\": true}'; "
+        "processor settings in it (num_frames, num_k_vid, audio_num_windows...) go to the processor",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on unknown checkpoint tensors instead of reporting them"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--verify", action="store_true", help="reload the output and compare every tensor")
     parser.add_argument("--to-published", "--to_published", dest="to_published", action="store_true",
@@ -1263,7 +1120,7 @@ def convert_command(argv: list[str] | None = None) -> int:
                 config_overrides=_read_json_arg(args.config_overrides), strict=args.strict,
                 overwrite=args.overwrite, verify=args.verify, prompt_style=args.prompt_style,
             )
-    except ConversionError as error:
+    except MultimoodError as error:  # a conversion or weight-file error: one line
         print(f"multimood convert: error: {error}", file=sys.stderr)
         return 1
     summary = report.to_dict()["summary"]
@@ -1277,20 +1134,12 @@ def convert_command(argv: list[str] | None = None) -> int:
 __all__ = [
     "ConversionError",
     "ConversionReport",
-    "beats_config_from_cfg",
     "beats_config_from_state",
-    "beats_key",
     "convert",
-    "convert_beats_state_dict",
     "export_published",
-    "list_weight_files",
-    "load_pickled_weights",
-    "load_weight_file",
     "main",
     "mamba_config_from_state",
     "published_config",
-    "read_beats_checkpoint",
-    "read_state_dict",
     "siglip_config_from_state",
     "to_published_key",
 ]

@@ -40,8 +40,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from safetensors import safe_open
+
 from ..cli import run_command
-from ..model.records import MultimoodError
+from ..model.configuration_multimood import MAMBA_370M, QWEN2_1_5B_INSTRUCT, SIGLIP_SO400M_PATCH14_384, MultimoodConfig
+from ..model.modeling_multimood import MultimoodForConditionalGeneration
+from ..model.processing_multimood import MultimoodProcessor
+from .model_folder import (
+    PROCESSOR_CONFIG_NAME,
+    ModelFolderError,
+    check_model_folder,
+    complete_model_folder,
+    is_hub_id,
+    save_model_folder,
+)
 
 logger = logging.getLogger("multimood.checkpoints.hub")
 
@@ -123,72 +137,8 @@ def find_template(template_path: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _is_hub_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not os.path.exists(value)
-
-
-class ModelFolderError(MultimoodError):
-    """A saved model folder that cannot be loaded: missing, incomplete or damaged (the file is named)."""
-
-
-def check_model_folder(path: str | os.PathLike, need_processor: bool = True) -> Path | None:
-    """Check a saved multimood folder before loading it, so that a damaged one fails with one clear line.
-
-    Returns the folder, or None for a Hub repo id (`owner/name` that is not a local path: the Hub answers).
-    Raises `ModelFolderError` for a missing path, a file, a folder without `config.json` (or with one of
-    another model type), without `processor_config.json` (with `need_processor`), without weights, with a
-    truncated or damaged `.safetensors` file or a shard its index lists but the folder lacks.
-    """
-    text = os.fspath(path)
-    folder = Path(text).expanduser()
-    if not folder.exists():
-        if _is_hub_id(text) and not text.startswith((".", "~")):
-            return None
-        raise ModelFolderError(f"{text}: no such model folder")
-    if not folder.is_dir():
-        raise ModelFolderError(f"{text}: is a file, expected a saved model folder")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelFolderError(f"{text}: no config.json: not a saved multimood model folder (save_pretrained writes "
-                               "config.json, the weights, processor_config.json and the tokenizer files)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFolderError(f"{config_path}: not a JSON config ({' '.join(str(error).split())})") from None
-    if not isinstance(config, dict) or config.get("model_type") != "multimood":
-        found = config.get("model_type") if isinstance(config, dict) else None
-        raise ModelFolderError(f"{config_path}: model_type is {found!r}, expected 'multimood' (convert a published "
-                               "checkpoint with `multimood convert`)")
-    if need_processor and not (folder / "processor_config.json").is_file():
-        raise ModelFolderError(f"{text}: no processor_config.json: the processor was not saved with the model "
-                               "(processor.save_pretrained(folder))")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-            raise ModelFolderError(f"{index}: not a safetensors index ({' '.join(str(error).split())})") from None
-        missing = [name for name in shards if not (folder / name).is_file()]
-        if missing:
-            raise ModelFolderError(f"{index}: lists shard(s) the folder lacks: {', '.join(missing)}")
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise ModelFolderError(f"{text}: no model weights (*.safetensors)")
-    from safetensors import safe_open  # noqa: PLC0415
-
-    for file in weights:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for every damage
-            raise ModelFolderError(f"{file}: truncated or damaged safetensors file ({' '.join(str(error).split())})") from None
-    return folder
-
-
 def _load_config(model_or_folder):
     """(MultimoodConfig, folder or None, model or None) of a model, a config or a saved folder."""
-    from ..model.configuration_multimood import MultimoodConfig  # noqa: PLC0415
-
     if isinstance(model_or_folder, (str, os.PathLike)):
         folder = Path(model_or_folder)
         return MultimoodConfig.from_pretrained(folder), folder, None
@@ -202,14 +152,22 @@ def _load_config(model_or_folder):
 
 def _known_base(config, block: str) -> str | None:
     """The published base model a sub-config matches exactly, if any (for configs built without a name)."""
-    from ..model.configuration_multimood import MAMBA_370M, QWEN2_1_5B_INSTRUCT, SIGLIP_SO400M_PATCH14_384  # noqa: PLC0415
-
     known = {
-        "text": (QWEN2_1_5B_INSTRUCT, "Qwen/Qwen2-1.5B-Instruct",
-                 ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")),
-        "vision": (SIGLIP_SO400M_PATCH14_384, "google/siglip-so400m-patch14-384",
-                   ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")),
-        "compressor": (MAMBA_370M, "state-spaces/mamba-370m-hf", ("hidden_size", "num_hidden_layers", "state_size", "expand")),
+        "text": (
+            QWEN2_1_5B_INSTRUCT,
+            "Qwen/Qwen2-1.5B-Instruct",
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+        ),
+        "vision": (
+            SIGLIP_SO400M_PATCH14_384,
+            "google/siglip-so400m-patch14-384",
+            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size"),
+        ),
+        "compressor": (
+            MAMBA_370M,
+            "state-spaces/mamba-370m-hf",
+            ("hidden_size", "num_hidden_layers", "state_size", "expand"),
+        ),
     }
     if block not in known or config is None:
         return None
@@ -234,7 +192,7 @@ def base_models(config, overrides: Mapping[str, str | None] | None = None) -> di
         if sub_config is None:
             continue
         name = getattr(sub_config, "_name_or_path", None)
-        name = name if _is_hub_id(name) else _known_base(sub_config, block)
+        name = name if is_hub_id(name) else _known_base(sub_config, block)
         if name:
             out[block] = name
     return out
@@ -256,8 +214,6 @@ def eval_result_entries(
     metrics: Mapping, dataset_name: str, dataset_type: str, dataset_split: str | None = "test",
 ) -> list:
     """`huggingface_hub.EvalResult`s of a `multimood evaluate` JSON (sections `paper` and `strict`)."""
-    from huggingface_hub import EvalResult  # noqa: PLC0415
-
     dataset = metrics.get("dataset") if isinstance(metrics.get("dataset"), Mapping) else {}
     results = []
     for section in ("paper", "strict"):
@@ -352,8 +308,6 @@ def _parameter_count(model, folder: Path | None) -> int | None:
         return sum(p.numel() for p in model.parameters())
     if folder is None:
         return None
-    from safetensors import safe_open  # noqa: PLC0415
-
     total = 0
     files = list(folder.glob("*.safetensors"))
     for file in files:
@@ -383,19 +337,39 @@ def _describe(block: str, config, name: str | None) -> str:
         sizes = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size}"
         return f"{name or 'Qwen2'} ({sizes})"
     if block == "vision":
-        return f"{name or 'SigLIP'} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.image_size} px)"
+        sizes = f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.image_size} px"
+        return f"{name or 'SigLIP'} ({sizes})"
     if block == "audio":
         return f"{name or 'BEATs'} ({config.encoder_layers} layers, hidden {config.encoder_embed_dim})"
-    return (f"{name or config.model_type.capitalize()} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), "
-            "memory tokens replace the `<history>` placeholders")
+    return (
+        f"{name or config.model_type.capitalize()} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), "
+        "memory tokens replace the `<history>` placeholders"
+    )
 
 
-def _processor_settings(folder: Path | None, processor) -> dict:
-    if processor is not None:
-        return {"label_set": getattr(processor, "label_set", None)}
-    if folder is not None and (folder / "processor_config.json").is_file():
-        return json.loads((folder / "processor_config.json").read_text())
-    return {}
+def _card_processor(folder: Path | None, processor: MultimoodProcessor | None) -> MultimoodProcessor | None:
+    """The processor the card describes: the one given, else the folder's, else none."""
+    if processor is None and folder is not None and (folder / PROCESSOR_CONFIG_NAME).is_file():
+        return MultimoodProcessor.from_pretrained(folder)
+    return processor
+
+
+def media_values(processor: MultimoodProcessor | None) -> dict[str, Any]:
+    """The card's media lines, from the processor (None without one: the template shows the published values)."""
+    if processor is None:
+        return {}
+    video, audio = processor.video_processor, processor.feature_extractor
+    values = {"num_frames": video.num_frames, "num_video_tokens": video.num_video_tokens()}
+    if audio is not None:
+        values.update(num_audio_tokens=audio.num_audio_tokens(), audio_num_windows=audio.num_windows,
+                      audio_window_seconds=f"{audio.window_seconds:g}")
+    return values
+
+
+def _eval_summary(metrics: Mapping, dataset_name: str, dataset_split: str | None) -> str:
+    notes = "; ".join(f"**{s}**: {SECTION_NOTES[s]}" for s in ("paper", "strict") if s in metrics)
+    n = (metrics.get("strict") or metrics.get("paper") or {}).get("n")
+    return f"On {dataset_name} ({dataset_split}{f', {n} samples' if n else ''}). {notes}."
 
 
 def render_model_card(
@@ -423,13 +397,12 @@ def render_model_card(
     `eval_results` is the JSON that `multimood evaluate` writes (a dict or its path); its `paper` and
     `strict` sections become `model-index` entries (dataset name/type/split from the arguments or from an
     optional `dataset` object in the JSON). `training_args` is a dict, a JSON path or `TrainingArguments`.
-    `base_model` overrides the Hub ids of the towers ({"text", "vision", "audio", "compressor"}).
+    `base_model` overrides the Hub ids of the towers ({"text", "vision", "audio", "compressor"}). The media
+    settings (frames, audio windows, token counts) are the processor's: `processor`, else the folder's.
     Extra keyword arguments go to the template."""
-    from huggingface_hub import ModelCard, ModelCardData  # noqa: PLC0415
-
     config, folder, model = _load_config(folder_or_model)
-    settings = _processor_settings(folder, processor)
-    label_set = settings.get("label_set") or "mesc"
+    processor = _card_processor(folder, processor)
+    label_set = getattr(processor, "label_set", None) or "mesc"
     datasets = list(datasets) if datasets is not None else DATASETS_BY_LABEL_SET.get(label_set, [])
     dataset_name = dataset_name or DATASET_NAMES.get(label_set, label_set)
     dataset_type = dataset_type or (datasets[0] if datasets else label_set)
@@ -449,34 +422,22 @@ def render_model_card(
         tags=list(dict.fromkeys([*TAGS, *(tags or [])])),
         eval_results=results or None,
     )
-    hyperparameters = training_hyperparameters(training_args)
-    summary = None
-    if metrics:
-        notes = "; ".join(f"**{s}**: {SECTION_NOTES[s]}" for s in ("paper", "strict") if s in metrics)
-        n = (metrics.get("strict") or metrics.get("paper") or {}).get("n")
-        summary = f"On {dataset_name} ({dataset_split}{f', {n} samples' if n else ''}). {notes}."
     values = {
         "model_name": name,
         "repo_id": repo_id,
         "license": license,
-        "text_base_model": _describe("text", config.text_config, bases.get("text")),
-        "vision_base_model": _describe("vision", config.vision_config, bases.get("vision")),
-        "audio_base_model": _describe("audio", config.audio_config, bases.get("audio")),
-        "compressor_base_model": _describe("compressor", config.compressor_config, bases.get("compressor")),
+        **{f"{block}_base_model": _describe(block, getattr(config, f"{block}_config"), bases.get(block))
+           for block in ("text", "vision", "audio", "compressor")},
         "mm_projector_type": config.mm_projector_type,
         "mm_projector_a_type": config.mm_projector_a_type,
-        "num_frames": config.num_frames,
-        "num_video_tokens": config.num_video_tokens(),
-        "num_audio_tokens": config.num_audio_tokens(),
-        "audio_num_windows": config.audio_num_windows,
-        "audio_window_seconds": f"{config.audio_window_seconds:g}",
+        **media_values(processor),
         "num_parameters": _human(_parameter_count(model, folder)),
-        "hyperparameters": hyperparameters,
+        "hyperparameters": training_hyperparameters(training_args),
         "training_summary": training_summary or _trainer_summary(folder),
         "eval_results_table": eval_results_table(metrics) if metrics else None,
-        "eval_results_summary": summary,
+        "eval_results_summary": _eval_summary(metrics, dataset_name, dataset_split) if metrics else None,
+        **template_kwargs,
     }
-    values.update(template_kwargs)
     return ModelCard.from_template(card_data, template_path=str(find_template(template_path)), **values)
 
 
@@ -507,13 +468,18 @@ def _copy_model_folder(source: Path, folder: Path) -> list[str]:
     return skipped
 
 
-def _save_pipeline(folder: Path) -> bool:
-    try:
-        from ..model.pipeline_multimood import save_pipeline_files  # noqa: PLC0415
-    except ImportError:
-        return False
-    save_pipeline_files(folder)
-    return True
+def _copy_saved_folder(source: Path, folder: Path) -> None:
+    """The Hub files of a saved folder in `folder`; `.bin` weights are re-saved as safetensors."""
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json: not a saved model folder")
+    if not list(source.glob("*.safetensors")):
+        if not list(source.glob("pytorch_model*.bin")):
+            raise FileNotFoundError(f"{source} holds no model weights")
+        logger.info("%s holds .bin weights: re-saving them as safetensors", source)
+        MultimoodForConditionalGeneration.from_pretrained(source, dtype="auto").save_pretrained(folder)
+    skipped = _copy_model_folder(source, folder)
+    if skipped:
+        logger.info("left out of the upload: %s", ", ".join(skipped))
 
 
 def prepare_upload_folder(
@@ -540,30 +506,17 @@ def prepare_upload_folder(
     folder.mkdir(parents=True, exist_ok=True)
     card_source = model
     if isinstance(model, (str, os.PathLike)):
-        source = Path(model)
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"{source} has no config.json: not a saved model folder")
-        if not list(source.glob("*.safetensors")):
-            if not list(source.glob("pytorch_model*.bin")):
-                raise FileNotFoundError(f"{source} holds no model weights")
-            from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-
-            logger.info("%s holds .bin weights: re-saving them as safetensors", source)
-            MultimoodForConditionalGeneration.from_pretrained(source, dtype="auto").save_pretrained(folder)
-        skipped = _copy_model_folder(source, folder)
-        if skipped:
-            logger.info("left out of the upload: %s", ", ".join(skipped))
-        if processor is not None:
-            processor.save_pretrained(folder)
-        card_source = source
+        card_source = Path(model)
+        _copy_saved_folder(card_source, folder)
+        complete_model_folder(folder, processor)
     else:
         if hasattr(model, "peft_config") or type(model).__name__.startswith("Peft"):
-            raise TypeError("a PEFT model: merge the adapters first (model.merge_and_unload()) or pass the merged folder")
+            raise TypeError(
+                "a PEFT model: merge the adapters first (model.merge_and_unload()) or pass the merged folder"
+            )
         if processor is None:
             raise ValueError("processor is required when model is a model object")
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    _save_pipeline(folder)
+        save_model_folder(model, processor, folder)
     card = render_model_card(card_source, eval_results, training_args, processor=processor, **card_kwargs)
     card.save(folder / "README.md")
     problems = check_upload_folder(folder)
@@ -621,8 +574,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def hub_endpoint() -> str:
-    from huggingface_hub import constants  # noqa: PLC0415
-
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
@@ -631,19 +582,20 @@ def check_hub_reachable(repo_id: str, endpoint: str | None = None, timeout: floa
     HTTP request within `timeout` seconds (any HTTP status counts as an answer; proxies from the environment
     apply). Returns the endpoint. huggingface_hub's own client has no timeout, so this probe is what keeps a
     push from hanging on a dead network."""
-    from huggingface_hub import constants  # noqa: PLC0415
-
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     offline = [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(name, "").upper() in _TRUE]
     if offline or constants.HF_HUB_OFFLINE:
         raise RuntimeError(
-            f"cannot push to the Hub repo {repo_id!r}: offline mode is on ({', '.join(offline) or 'HF_HUB_OFFLINE'}=1); "
+            f"cannot push to the Hub repo {repo_id!r}: offline mode is on "
+            f"({', '.join(offline) or 'HF_HUB_OFFLINE'}=1); "
             "unset it to upload, or use --dry-run to only build the folder"
         )
     url = urlparse(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise RuntimeError(f"cannot push to the Hub repo {repo_id!r}: invalid endpoint {endpoint!r}")
-    probe = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="GET", headers={"User-Agent": "multimood"})
+    probe = urllib.request.Request(
+        f"{endpoint}/api/models/{repo_id}", method="GET", headers={"User-Agent": "multimood"}
+    )
     try:
         with urllib.request.urlopen(probe, timeout=timeout):
             pass
@@ -653,7 +605,8 @@ def check_hub_reachable(repo_id: str, endpoint: str | None = None, timeout: floa
         reason = getattr(error, "reason", error)
         raise RuntimeError(
             f"cannot push to the Hub repo {repo_id!r}: {endpoint} did not answer within {timeout:g} s "
-            f"({type(reason).__name__}: {reason}); check the network or HF_ENDPOINT, or use --dry-run to only build the folder"
+            f"({type(reason).__name__}: {reason}); check the network or HF_ENDPOINT, or use --dry-run to only build "
+            "the folder"
         ) from error
     return endpoint
 
@@ -672,9 +625,6 @@ def push_to_hub(
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` (as built by `prepare_upload_folder`); returns the
     commit URL. Fails fast with a `RuntimeError` naming the repo when offline or when the Hub is unreachable."""
-    from huggingface_hub import HfApi  # noqa: PLC0415
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled  # noqa: PLC0415
-
     folder = Path(folder)
     problems = check_upload_folder(folder)
     if problems:
@@ -692,7 +642,9 @@ def push_to_hub(
     except HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", None)
         hint = " (authenticate with `hf auth login` or pass a token with write access)" if status in (401, 403) else ""
-        raise RuntimeError(f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}{hint}") from error
+        raise RuntimeError(
+            f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}{hint}"
+        ) from error
     except OSError as error:  # connection errors (httpx errors are OSErrors here too)
         raise RuntimeError(f"pushing to the Hub repo {repo_id!r} at {endpoint} failed: {_one_line(error)}") from error
     except Exception as error:  # noqa: BLE001 - httpx transport errors and the like: always name the repo
@@ -712,11 +664,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "model card) and upload it.",
     )
     parser.add_argument("--model", required=True, help="saved multimood folder (model and processor files)")
-    parser.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="Hub repo, e.g. user/multimood-7b")
-    parser.add_argument("--eval-results", "--eval_results", dest="eval_results", help="metrics JSON of `multimood evaluate`")
+    parser.add_argument(
+        "--repo-id", "--repo_id", dest="repo_id", required=True, help="Hub repo, e.g. user/multimood-7b"
+    )
+    parser.add_argument(
+        "--eval-results", "--eval_results", dest="eval_results", help="metrics JSON of `multimood evaluate`"
+    )
     parser.add_argument("--training-args", "--training_args", dest="training_args",
                         help="training arguments JSON (TrainingArguments.to_dict() or a dict of hyper-parameters)")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"licence of the weights (default {DEFAULT_LICENSE})")
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"licence of the weights (default {DEFAULT_LICENSE})"
+    )
     parser.add_argument("--dataset", action="append", dest="datasets", help="dataset id for the card (repeatable)")
     parser.add_argument("--dataset-name", "--dataset_name", dest="dataset_name", help="evaluation dataset name (MESC)")
     parser.add_argument("--dataset-split", "--dataset_split", dest="dataset_split", default="test")
@@ -740,8 +698,11 @@ def push_main(argv: list[str] | None = None) -> int:
     for item in args.base_model:
         block, _, name = item.partition("=")
         if block not in ("text", "vision", "audio", "compressor") or not name:
-            print(f"multimood push: error: --base-model {item!r}: expected BLOCK=ID with BLOCK text|vision|audio|compressor",
-                  file=sys.stderr)
+            print(
+                f"multimood push: error: --base-model {item!r}: expected BLOCK=ID with BLOCK "
+                "text|vision|audio|compressor",
+                file=sys.stderr,
+            )
             return 2
         bases[block] = name
     card_kwargs = dict(repo_id=args.repo_id, license=args.license, datasets=args.datasets,

@@ -12,6 +12,16 @@ from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Settings of the processor that configurations of earlier versions also carried. A config.json that still holds
+# them loads: they are dropped with a warning (the processor saved beside it has its own copy).
+PROCESSOR_SETTING_KEYS = (
+    "num_frames", "image_size", "image_aspect_ratio", "num_k_vid", "audio_num_windows", "audio_window_seconds",
+    "audio_max_seconds", "audio_sampling_rate", "history_max_tokens", "max_memory_slots",
+)
 
 QWEN2_1_5B_INSTRUCT = {
     "vocab_size": 151936,
@@ -108,7 +118,8 @@ class MultimoodConfig(PreTrainedConfig):
     Sub-configs: `text_config` (Qwen2 family), `vision_config` (SigLIP vision), `audio_config`
     (BEATs), `compressor_config` (Mamba or Mamba2; `None` disables the history compressor).
     Token counts of each modality are pure functions of this config and the processed shapes:
-    see `num_video_tokens` and `num_audio_tokens`.
+    see `num_video_tokens` and `num_audio_tokens`. How the media are sampled (frames, clips, audio windows) and
+    how much history is kept are settings of the processor, not of this config.
 
     Settings where MultiMood's default differs from the published code (docs/fidelity.md lists them all):
 
@@ -147,16 +158,6 @@ class MultimoodConfig(PreTrainedConfig):
     video_frame_pooling: Literal["none", "mean"] = "none"
     mm_projector_a_type: Literal["linear", "mlp2x_gelu"] = "linear"
     mm_vision_select_layer: int = -2
-    num_frames: int = 16
-    image_size: int = 384
-    image_aspect_ratio: Literal["pad", "none"] = "pad"
-    num_k_vid: int = 5
-    audio_num_windows: int = 8
-    audio_window_seconds: float = 2.0
-    audio_max_seconds: float = 30.0
-    audio_sampling_rate: int = 16000
-    history_max_tokens: int = 512
-    max_memory_slots: int | None = None
     inject_history_memory: bool = True
     freeze_vision_tower: bool = True
     freeze_audio_tower: bool = True
@@ -168,11 +169,19 @@ class MultimoodConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        retired = sorted(key for key in PROCESSOR_SETTING_KEYS if kwargs.pop(key, None) is not None)
+        if retired:
+            logger.warning_once(
+                f"MultimoodConfig: ignoring {', '.join(retired)}: media and history settings belong to the processor "
+                "(its processor_config.json), the config keeps the architecture"
+            )
         super().__post_init__(**kwargs)
         self.connector_downsample = tuple(self.connector_downsample)
         self.tie_word_embeddings = bool(self.text_config.tie_word_embeddings)
         if self.mm_projector_type not in ("stc_connector_v35", "mlp2x_gelu"):
-            raise ValueError(f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}")
+            raise ValueError(
+                f"mm_projector_type must be 'stc_connector_v35' or 'mlp2x_gelu', got {self.mm_projector_type!r}"
+            )
         if self.video_frame_pooling not in ("none", "mean"):
             raise ValueError(f"video_frame_pooling must be 'none' or 'mean', got {self.video_frame_pooling!r}")
         if self.video_frame_pooling == "mean" and self.mm_projector_type != "mlp2x_gelu":
@@ -181,7 +190,8 @@ class MultimoodConfig(PreTrainedConfig):
             raise ValueError(f"mm_projector_a_type must be 'linear' or 'mlp2x_gelu', got {self.mm_projector_a_type!r}")
         if self.compressor_config is not None and self.compressor_config.model_type not in ("mamba", "mamba2"):
             raise ValueError(
-                f"compressor_config must be a Mamba or Mamba2 config, got model_type {self.compressor_config.model_type!r}"
+                "compressor_config must be a Mamba or Mamba2 config, "
+                f"got model_type {self.compressor_config.model_type!r}"
             )
 
     @property
@@ -200,27 +210,20 @@ class MultimoodConfig(PreTrainedConfig):
             return value
         return {"": value, "text_config": value, "vision_config": value}
 
-    def num_video_tokens(self, num_frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
-        """Video tokens the connector emits for one clip of `num_frames` frames of `height` x `width` pixels."""
-        num_frames = self.num_frames if num_frames is None else num_frames
+    def num_video_tokens(self, num_frames: int, height: int | None = None, width: int | None = None) -> int:
+        """Video tokens the connector emits for one clip of `num_frames` frames of `height` x `width` pixels
+        (default: the vision tower's image size)."""
         patch = self.vision_config.patch_size
-        rows = (self.image_size if height is None else height) // patch
-        cols = (self.image_size if width is None else width) // patch
+        rows = (self.vision_config.image_size if height is None else height) // patch
+        cols = (self.vision_config.image_size if width is None else width) // patch
         if self.mm_projector_type == "mlp2x_gelu":
             return (1 if self.video_frame_pooling == "mean" else num_frames) * rows * cols
         time_stride, row_stride, col_stride = self.connector_downsample
         return (num_frames // time_stride) * (rows // row_stride) * (cols // col_stride)
 
-    def num_audio_frames(self) -> int:
-        """Kaldi filterbank frames (25 ms window, 10 ms hop, snip edges) of the padded audio."""
-        samples = int(round(self.audio_max_seconds * self.audio_sampling_rate))
-        frame_length, hop_length = self.audio_sampling_rate * 25 // 1000, self.audio_sampling_rate // 100
-        return 1 + (samples - frame_length) // hop_length
-
-    def num_audio_tokens(self, num_fbank_frames: int | None = None, num_mel_bins: int | None = None) -> int:
+    def num_audio_tokens(self, num_fbank_frames: int, num_mel_bins: int | None = None) -> int:
         """Audio tokens BEATs emits for a filterbank of `num_fbank_frames` x `num_mel_bins`."""
-        frames = self.num_audio_frames() if num_fbank_frames is None else num_fbank_frames
-        return self.audio_config.num_output_tokens(frames, num_mel_bins)
+        return self.audio_config.num_output_tokens(num_fbank_frames, num_mel_bins)
 
 
-__all__ = ["BeatsConfig", "MultimoodConfig"]
+__all__ = ["PROCESSOR_SETTING_KEYS", "BeatsConfig", "MultimoodConfig"]

@@ -175,7 +175,9 @@ class MultimoodModel(MultimoodPreTrainedModel):
         self.audio_tower = BeatsModel(config.audio_config)
         audio_width, width = config.audio_config.hidden_size, config.text_config.hidden_size
         self.mm_projector_a = (
-            nn.Linear(audio_width, width) if config.mm_projector_a_type == "linear" else build_mlp(2, audio_width, width)
+            nn.Linear(audio_width, width)
+            if config.mm_projector_a_type == "linear"
+            else build_mlp(2, audio_width, width)
         )
         self.mamba_compressor = MultimoodHistoryCompressor(config) if config.compressor_config is not None else None
         self.language_model = AutoModel.from_config(config.text_config)
@@ -190,7 +192,8 @@ class MultimoodModel(MultimoodPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_video_features(self, pixel_values_videos: torch.FloatTensor) -> torch.FloatTensor:
-        """(videos, frames, 3, H, W) -> (videos, tokens, width): SigLIP features of the selected layer, then the connector."""
+        """(videos, frames, 3, H, W) -> (videos, tokens, width): SigLIP features of the selected layer, then the
+        connector."""
         videos, frames = pixel_values_videos.shape[:2]
         pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
         with _tower_grad_context(self.vision_tower):
@@ -210,7 +213,9 @@ class MultimoodModel(MultimoodPreTrainedModel):
     ) -> tuple[torch.FloatTensor, torch.LongTensor]:
         """Memory tokens of every history row concatenated, and the number of memory tokens per row."""
         if self.mamba_compressor is None:
-            raise ValueError("history_input_ids were given but this model has no history compressor (compressor_config=None)")
+            raise ValueError(
+                "history_input_ids were given but this model has no history compressor (compressor_config=None)"
+            )
         return self.mamba_compressor(history_input_ids, history_attention_mask)
 
     @property
@@ -263,7 +268,7 @@ class MultimoodModel(MultimoodPreTrainedModel):
         """
         term = torch.zeros((), device=self.device, dtype=self.mm_projector_a_dtype)
         if pixel_values_videos is None:
-            size = self.config.image_size
+            size = self.config.vision_config.image_size
             frames = self.config.connector_downsample[0] if self.config.mm_projector_type == "stc_connector_v35" else 1
             dummy = torch.zeros(1, frames, 3, size, size, device=self.device)
             term = term + self.get_video_features(dummy).sum() * 0
@@ -321,7 +326,9 @@ class MultimoodModel(MultimoodPreTrainedModel):
                 inputs_embeds, input_ids, self.config.history_token_id, history_features, per_row.tolist(), "history"
             )
         if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            inputs_embeds = inputs_embeds + self._unused_blocks_term(pixel_values_videos, input_features, history_input_ids)
+            inputs_embeds = inputs_embeds + self._unused_blocks_term(
+                pixel_values_videos, input_features, history_input_ids
+            )
 
         cache = kwargs.get("cache")
         if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
@@ -386,10 +393,14 @@ class MultimoodForConditionalGeneration(MultimoodPreTrainedModel, GenerationMixi
     def get_audio_features(self, input_features: torch.FloatTensor) -> torch.FloatTensor:
         return self.model.get_audio_features(input_features)
 
-    def get_history_features(self, history_input_ids: torch.LongTensor, history_attention_mask: torch.Tensor | None = None):
+    def get_history_features(
+        self, history_input_ids: torch.LongTensor, history_attention_mask: torch.Tensor | None = None
+    ):
         return self.model.get_history_features(history_input_ids, history_attention_mask)
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs
+    ):
         """Resize the LLM embeddings and, so that both read the same ids, the compressor's."""
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
         compressor = self.model.mamba_compressor
@@ -455,7 +466,10 @@ class MultimoodForConditionalGeneration(MultimoodPreTrainedModel, GenerationMixi
         """Also map AutoModel and AutoModelForMultimodalLM in `auto_map` when saving as remote code."""
         if self._auto_class is not None:
             module = type(self).__module__.split(".")[-1]
-            extra = {"AutoModel": f"{module}.MultimoodModel", "AutoModelForMultimodalLM": f"{module}.{type(self).__name__}"}
+            extra = {
+                "AutoModel": f"{module}.MultimoodModel",
+                "AutoModelForMultimodalLM": f"{module}.{type(self).__name__}",
+            }
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **extra}
         return super().save_pretrained(save_directory, *args, **kwargs)
 

@@ -22,22 +22,31 @@ How the multimodal inputs travel through trl (the smallest extension of `GRPOTra
 Generation never samples the placeholder tokens (`suppress_tokens`), so re-reading a completion is always valid.
 Without LoRA and with beta > 0, trl loads the reference model from `--model_path` (remote code: the folder's
 `auto_map`); with `--lora_enable` the reference is the model with its adapter disabled.
+
+This module imports trl (the `train` / `rl` extras) at its top: only `multimood grpo` and `run_scripts/run_grpo.py`
+import it (the `multimood` command imports each subcommand's module when it runs).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
+import transformers
 from transformers import HfArgumentParser
+from trl import GRPOConfig, GRPOTrainer
 
+from ..checkpoints.model_folder import is_multimood_folder
+from ..model.modeling_multimood import MultimoodForConditionalGeneration
+from ..model.processing_multimood import MultimoodProcessor
+from ..model.records import MultimoodError, MultimoodRecordError
+from .arguments import LoraArguments, TuneArguments
+from .assembly import apply_lora, configure_trainable
 from .rewards import (
     BGE_M3_WEIGHTS,
     JUDGE_SYSTEM_PROMPT,
@@ -49,6 +58,7 @@ from .rewards import (
     label_reward,
     parse_reward_weights,
 )
+from .train import make_dataset, save_trained
 
 logger = logging.getLogger("multimood.training.grpo")
 
@@ -57,169 +67,157 @@ REWARD_NAMES = ("format", "label", "similarity", "judge")
 DEFAULT_REWARD_WEIGHTS = {"format": 0.2, "label": 0.4, "similarity": 1.0}
 
 
-@functools.lru_cache(maxsize=None)
-def _trainer_class():
-    from trl import GRPOTrainer  # noqa: PLC0415
+class MultimoodGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` that feeds MultiMood's video, audio and history inputs to generation and to the log-prob
+    passes (see the module docstring). `video_folder` is where the records' clip names point."""
 
-    class MultimoodGRPOTrainer(GRPOTrainer):
-        """`GRPOTrainer` that feeds MultiMood's video, audio and history inputs to generation and to the log-prob
-        passes (see the module docstring). `video_folder` is where the records' clip names point."""
-
-        def __init__(self, model, reward_funcs, args=None, processing_class=None, video_folder: str | None = None,
-                     **kwargs):
-            self.video_folder = video_folder
-            self._batch_records: list[dict] | None = None
-            self._active_mm: dict[str, torch.Tensor] | None = None
-            config = model.config
-            placeholders = [config.video_token_id, config.audio_token_id, config.history_token_id, config.mem_token_id]
-            if args is not None:
-                extra = dict(args.generation_kwargs or {})
-                extra["suppress_tokens"] = sorted(set(list(extra.get("suppress_tokens") or []) + placeholders))
-                args.generation_kwargs = extra
-                args.remove_unused_columns = False
-            # trl reads `config.image_token_id` for processor-based models (to suppress it); ours is the video one.
-            added = "image_token_id" not in config.to_dict()
+    def __init__(self, model, reward_funcs, args=None, processing_class=None, video_folder: str | None = None,
+                 **kwargs):
+        self.video_folder = video_folder
+        self._batch_records: list[dict] | None = None
+        self._active_mm: dict[str, torch.Tensor] | None = None
+        config = model.config
+        placeholders = [config.video_token_id, config.audio_token_id, config.history_token_id, config.mem_token_id]
+        if args is not None:
+            extra = dict(args.generation_kwargs or {})
+            extra["suppress_tokens"] = sorted(set(list(extra.get("suppress_tokens") or []) + placeholders))
+            args.generation_kwargs = extra
+            args.remove_unused_columns = False
+        # trl reads `config.image_token_id` for processor-based models (to suppress it); ours is the video one.
+        added = "image_token_id" not in config.to_dict()
+        if added:
+            config.image_token_id = config.video_token_id
+        try:
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
+                             **kwargs)
+        finally:
             if added:
-                config.image_token_id = config.video_token_id
-            try:
-                super().__init__(model=model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
-                                 **kwargs)
-            finally:
-                if added:
-                    try:
-                        delattr(config, "image_token_id")
-                    except AttributeError:
-                        pass
+                try:
+                    delattr(config, "image_token_id")
+                except AttributeError:
+                    pass
 
-        # ---------------------------------------------------------------- media as row-aligned tensors
+    # ---------------------------------------------------------------- media as row-aligned tensors
 
-        def _encode_batch(self, records: list[dict]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-            """Prompt ids (unpadded) and row-aligned media of `records` (identical records processed once)."""
-            keys, unique, index = {}, [], []
-            for record in records:
-                key = json.dumps(record, sort_keys=True, default=str)
-                if key not in keys:
-                    keys[key] = len(unique)
-                    unique.append(record)
-                index.append(keys[key])
-            processor = self.processing_class
-            batch = processor(records=unique, video_folder=self.video_folder, with_target=False, padding_side="left")
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            config = self.accelerator.unwrap_model(self.model).config
-            token = {"video": config.video_token_id, "audio": config.audio_token_id, "history": config.history_token_id}
-            source = {"video": batch.get("pixel_values_videos"), "audio": batch.get("input_features"),
-                      "history": batch.get("history_input_ids")}
-            per_sample: dict[str, list] = {m: [None] * len(unique) for m in _MEDIA}
-            per_sample["history_mask"] = [None] * len(unique)
-            prompt_ids, cursor = [], dict.fromkeys(_MEDIA, 0)
-            for i in range(len(unique)):
-                row = ids[i][mask[i].bool()]
-                prompt_ids.append(row.tolist())
-                for m in _MEDIA:
-                    if (row == token[m]).any():
-                        per_sample[m][i] = source[m][cursor[m]]
-                        if m == "history":
-                            per_sample["history_mask"][i] = batch["history_attention_mask"][cursor[m]]
-                        cursor[m] += 1
-            rows: dict[str, torch.Tensor] = {}
-            for m, name in (("video", "mm_video"), ("audio", "mm_audio"), ("history", "mm_history"),
-                            ("history_mask", "mm_history_mask")):
-                present = [t for t in per_sample[m] if t is not None]
-                if not present:
-                    continue
-                template = torch.zeros_like(present[0])
-                rows[name] = torch.stack([per_sample[m][j] if per_sample[m][j] is not None else template
-                                          for j in index])
+    def _encode_batch(self, records: list[dict]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Prompt ids (unpadded) and row-aligned media of `records` (identical records processed once)."""
+        keys, unique, index = {}, [], []
+        for record in records:
+            key = json.dumps(record, sort_keys=True, default=str)
+            if key not in keys:
+                keys[key] = len(unique)
+                unique.append(record)
+            index.append(keys[key])
+        processor = self.processing_class
+        batch = processor(records=unique, video_folder=self.video_folder, with_target=False, padding_side="left")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        config = self.accelerator.unwrap_model(self.model).config
+        token = {"video": config.video_token_id, "audio": config.audio_token_id, "history": config.history_token_id}
+        source = {"video": batch.get("pixel_values_videos"), "audio": batch.get("input_features"),
+                  "history": batch.get("history_input_ids")}
+        per_sample: dict[str, list] = {m: [None] * len(unique) for m in _MEDIA}
+        per_sample["history_mask"] = [None] * len(unique)
+        prompt_ids, cursor = [], dict.fromkeys(_MEDIA, 0)
+        for i in range(len(unique)):
+            row = ids[i][mask[i].bool()]
+            prompt_ids.append(row.tolist())
             for m in _MEDIA:
-                rows[f"mm_has_{m}"] = torch.tensor([per_sample[m][j] is not None for j in index], dtype=torch.bool)
-            return [prompt_ids[j] for j in index], rows
+                if (row == token[m]).any():
+                    per_sample[m][i] = source[m][cursor[m]]
+                    if m == "history":
+                        per_sample["history_mask"][i] = batch["history_attention_mask"][cursor[m]]
+                    cursor[m] += 1
+        rows: dict[str, torch.Tensor] = {}
+        for m, name in (("video", "mm_video"), ("audio", "mm_audio"), ("history", "mm_history"),
+                        ("history_mask", "mm_history_mask")):
+            present = [t for t in per_sample[m] if t is not None]
+            if not present:
+                continue
+            template = torch.zeros_like(present[0])
+            rows[name] = torch.stack([per_sample[m][j] if per_sample[m][j] is not None else template
+                                      for j in index])
+        for m in _MEDIA:
+            rows[f"mm_has_{m}"] = torch.tensor([per_sample[m][j] is not None for j in index], dtype=torch.bool)
+        return [prompt_ids[j] for j in index], rows
 
-        @staticmethod
-        def media_kwargs(rows: dict[str, torch.Tensor] | None, start: int = 0, end: int | None = None) -> dict:
-            """Model keyword arguments (`pixel_values_videos`, `input_features`, `history_*`) of rows start:end."""
-            if not rows:
-                return {}
-            out = {}
-            sl = slice(start, end)
-            for m, key, name in (("video", "pixel_values_videos", "mm_video"), ("audio", "input_features", "mm_audio"),
-                                 ("history", "history_input_ids", "mm_history")):
-                has = rows.get(f"mm_has_{m}")
-                if has is None or name not in rows:
-                    continue
-                has = has[sl]
-                if not bool(has.any()):
-                    continue
-                out[key] = rows[name][sl][has]
-                if m == "history":
-                    hist_mask = rows["mm_history_mask"][sl][has]
-                    width = int(hist_mask.sum(-1).max().item())  # trim the shared right padding
-                    out["history_input_ids"] = out["history_input_ids"][:, :width]
-                    out["history_attention_mask"] = hist_mask[:, :width]
-            return out
+    @staticmethod
+    def media_kwargs(rows: dict[str, torch.Tensor] | None, start: int = 0, end: int | None = None) -> dict:
+        """Model keyword arguments (`pixel_values_videos`, `input_features`, `history_*`) of rows start:end."""
+        if not rows:
+            return {}
+        out = {}
+        sl = slice(start, end)
+        for m, key, name in (("video", "pixel_values_videos", "mm_video"), ("audio", "input_features", "mm_audio"),
+                             ("history", "history_input_ids", "mm_history")):
+            has = rows.get(f"mm_has_{m}")
+            if has is None or name not in rows:
+                continue
+            has = has[sl]
+            if not bool(has.any()):
+                continue
+            out[key] = rows[name][sl][has]
+            if m == "history":
+                hist_mask = rows["mm_history_mask"][sl][has]
+                width = int(hist_mask.sum(-1).max().item())  # trim the shared right padding
+                out["history_input_ids"] = out["history_input_ids"][:, :width]
+                out["history_attention_mask"] = hist_mask[:, :width]
+        return out
 
-        # ---------------------------------------------------------------- trl hooks
+    # ---------------------------------------------------------------- trl hooks
 
-        def _generate_and_score_completions(self, inputs):
-            self._batch_records = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
-            self._active_mm = None
-            try:
-                output = super()._generate_and_score_completions(inputs)
-            finally:
-                self._batch_records = None
-            rows = self._active_mm or {}
-            device = self.accelerator.device
-            output.update({k: v.to(device) for k, v in rows.items()})
-            return output
+    def _generate_and_score_completions(self, inputs):
+        self._batch_records = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
+        self._active_mm = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._batch_records = None
+        rows = self._active_mm or {}
+        device = self.accelerator.device
+        output.update({k: v.to(device) for k, v in rows.items()})
+        return output
 
-        def _tokenize_prompts(self, prompts):
-            if self._batch_records is None or len(self._batch_records) != len(prompts):
-                raise RuntimeError("MultimoodGRPOTrainer: prompts without their records (rollout_func / tools are "
-                                   "not supported)")
-            prompt_ids, rows = self._encode_batch(self._batch_records)
-            self._active_mm = rows
-            return prompt_ids, None, self.media_kwargs(rows)
+    def _tokenize_prompts(self, prompts):
+        if self._batch_records is None or len(self._batch_records) != len(prompts):
+            raise RuntimeError("MultimoodGRPOTrainer: prompts without their records (rollout_func / tools are "
+                               "not supported)")
+        prompt_ids, rows = self._encode_batch(self._batch_records)
+        self._active_mm = rows
+        return prompt_ids, None, self.media_kwargs(rows)
 
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
-                                               **kwargs):
-            rows = self._active_mm
-            if not rows:
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
-            batch_size = batch_size or input_ids.size(0)
-            logps, entropies, aux = [], [], []
-            for start in range(0, input_ids.size(0), batch_size):
-                end = min(start + batch_size, input_ids.size(0))
-                media = {k: v.to(input_ids.device) for k, v in self.media_kwargs(rows, start, end).items()}
-                ids, mask = input_ids[start:end], attention_mask[start:end]
-                labels = ids.masked_fill(mask == 0, -100)
-                labels[:, :-logits_to_keep] = -100
-                inputs = {"input_ids": ids, "attention_mask": mask, **media}
-                if compute_aux_loss:
-                    inputs["output_router_logits"] = True
-                with self.accelerator.autocast():
-                    outputs = model(**inputs, labels=labels, fused_lm_head=True)
-                logps.append(outputs.log_probs[:, -logits_to_keep:])
-                if compute_entropy:
-                    entropies.append(outputs.entropy[:, -logits_to_keep:])
-                if compute_aux_loss:
-                    aux.append(outputs.aux_loss)
-            return (torch.cat(logps, 0), torch.cat(entropies, 0) if compute_entropy else None,
-                    torch.stack(aux).mean() if compute_aux_loss else None)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **kwargs):
+        rows = self._active_mm
+        if not rows:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            media = {k: v.to(input_ids.device) for k, v in self.media_kwargs(rows, start, end).items()}
+            ids, mask = input_ids[start:end], attention_mask[start:end]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            inputs = {"input_ids": ids, "attention_mask": mask, **media}
+            if compute_aux_loss:
+                inputs["output_router_logits"] = True
+            with self.accelerator.autocast():
+                outputs = model(**inputs, labels=labels, fused_lm_head=True)
+            logps.append(outputs.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                aux.append(outputs.aux_loss)
+        return (torch.cat(logps, 0), torch.cat(entropies, 0) if compute_entropy else None,
+                torch.stack(aux).mean() if compute_aux_loss else None)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self._active_mm = {k: v for k, v in inputs.items() if k.startswith("mm_")}
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-    return MultimoodGRPOTrainer
-
-
-def __getattr__(name):  # lazy: importing trl is slow
-    if name == "MultimoodGRPOTrainer":
-        return _trainer_class()
-    raise AttributeError(name)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._active_mm = {k: v for k, v in inputs.items() if k.startswith("mm_")}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +246,9 @@ PAPER_PRESET_HELP = (
 
 
 @dataclass
-class GRPOScriptArguments:
+class GRPOScriptArguments(TuneArguments, LoraArguments):
+    """GRPO's own flags (trl's `GRPOConfig` holds the rest); what trains and LoRA as in SFT."""
+
     model_path: str | None = field(default=None, metadata={"help": "Saved multimood model folder (the SFT output)."})
     data_path: str | None = field(default=None, metadata={"help": "Training records (JSONL or a JSON array)."})
     vid_folder: str | None = field(default=None, metadata={"help": "Folder the records' clip names are relative to."})
@@ -258,8 +258,11 @@ class GRPOScriptArguments:
     preset: str | None = field(default=None, metadata={"help": PAPER_PRESET_HELP})
     reward_weights_spec: str | None = field(
         default=None,
-        metadata={"help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
-                          f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."})
+        metadata={
+            "help": "Rewards and weights, e.g. 'format=0.2,label=0.4,similarity=1,judge=1' (names: "
+            f"{', '.join(REWARD_NAMES)}). Default {DEFAULT_REWARD_WEIGHTS}, plus judge=1 with --judge_url."
+        },
+    )
     similarity_model: str | None = field(default=None, metadata={"help": "Similarity model: a local folder or a Hub "
                                                                            "id (BAAI/bge-m3 in the paper)."})
     similarity_scoring: Literal["embedding", "bge-m3-hybrid"] = field(
@@ -273,18 +276,29 @@ class GRPOScriptArguments:
     similarity_pooling: str = field(default="mean", metadata={"help": "embedding scoring: mean or cls pooling."})
     similarity_device: str = field(default="cpu", metadata={"help": "Device of the similarity model (cpu, cuda:0...)."})
     similarity_whole_if_unparsed: bool = field(
-        default=False, metadata={"help": "Score the whole completion when it has no `Response:` line (else it scores 0)."})
-    judge_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."})
+        default=False,
+        metadata={"help": "Score the whole completion when it has no `Response:` line (else it scores 0)."},
+    )
+    judge_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) of the judge LLM."}
+    )
     judge_model: str | None = field(default=None, metadata={"help": "Model name sent to the judge endpoint."})
-    judge_api_key_env: str = field(default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."})
+    judge_api_key_env: str = field(
+        default="JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge's API key."}
+    )
     judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request (then the failure score)."})
     judge_rule: Literal["multimood", "published"] = field(
         default="multimood",
         metadata={"help": "multimood: mean of the 7 scores rescaled to [0, 1], a logged neutral 0.5 when the judge "
                           "fails. published: mean of the 7 scores on 0-10, a missing dimension counts 0, a failed "
                           "request gives 0 (logged)."})
-    judge_context: bool = field(default=True, metadata={"help": "Show the judge the conversation (the prompt) and "
-                                                                  "the response; False: the response alone (published)."})
+    judge_context: bool = field(
+        default=True,
+        metadata={
+            "help": "Show the judge the conversation (the prompt) and "
+            "the response; False: the response alone (published)."
+        },
+    )
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (published: 0.2)."})
     judge_max_tokens: int = field(default=200, metadata={"help": "Judge reply length limit (published: 1000)."})
     judge_system_prompt_file: str | None = field(
@@ -292,16 +306,6 @@ class GRPOScriptArguments:
     judge_user_template_file: str | None = field(
         default=None, metadata={"help": "Text file replacing the judge's user message: {response} and {context} are "
                                         "replaced by the texts (e.g. a rubric asking for `Name: N/10` lines)."})
-    lora_enable: bool = field(default=False, metadata={"help": "LoRA on the LLM's linear layers (peft)."})
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_bias: str = "none"
-    lora_target_modules: str | None = None
-    merge_lora: bool = field(default=True, metadata={"help": "With LoRA, also write a merged full model to output_dir/merged."})
-    tune_mm_projector: bool = True
-    tune_audio_projector: bool = True
-    tune_compressor: bool = True
 
 
 def _explicit(argv: list[str], name: str) -> bool:
@@ -309,8 +313,6 @@ def _explicit(argv: list[str], name: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None):
-    from trl import GRPOConfig  # noqa: PLC0415
-
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--reward_weights name=w,...` is ours; GRPOConfig's own `reward_weights` (a float list) is set from it.
     argv = ["--reward_weights_spec" if a == "--reward_weights" else
@@ -385,8 +387,12 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
                 raise ValueError("the similarity reward needs --similarity_model")
             if script.similarity_scoring == "bge-m3-hybrid":
                 mode_weights = _floats(script.similarity_hybrid_weights, "similarity_hybrid_weights")
-                func = BGEM3SimilarityReward(script.similarity_model, device=script.similarity_device,
-                                             weights=mode_weights, whole_if_unparsed=script.similarity_whole_if_unparsed)
+                func = BGEM3SimilarityReward(
+                    script.similarity_model,
+                    device=script.similarity_device,
+                    weights=mode_weights,
+                    whole_if_unparsed=script.similarity_whole_if_unparsed,
+                )
             else:
                 func = SimilarityReward(script.similarity_model, device=script.similarity_device,
                                         pooling=script.similarity_pooling,
@@ -408,10 +414,7 @@ def build_rewards(script: GRPOScriptArguments) -> tuple[list, list[float]]:
 
 
 def load_model_and_processor(script: GRPOScriptArguments, max_length: int | None = None):
-    from ..model.modeling_multimood import MultimoodForConditionalGeneration  # noqa: PLC0415
-    from ..model.processing_multimood import MultimoodProcessor  # noqa: PLC0415
-    from .train import configure_trainable, is_multimood_folder, sync_processor_with_config  # noqa: PLC0415
-
+    """The SFT model and its processor from `--model_path`, the `--tune_*` blocks trainable."""
     if not is_multimood_folder(script.model_path):
         raise ValueError(f"--model_path {script.model_path!r} is not a saved multimood model folder (run SFT first)")
     processor = MultimoodProcessor.from_pretrained(script.model_path)
@@ -420,20 +423,12 @@ def load_model_and_processor(script: GRPOScriptArguments, max_length: int | None
     if max_length is not None:
         processor.model_max_length = max_length
     model = MultimoodForConditionalGeneration.from_pretrained(script.model_path, dtype=torch.float32)
-    sync_processor_with_config(processor, model.config)
-    model_args = SimpleNamespace(tune_llm=True, tune_mm_projector=script.tune_mm_projector,
-                                 tune_audio_projector=script.tune_audio_projector, tune_compressor=script.tune_compressor,
-                                 tune_vision_tower=False, tune_audio_tower=False)
-    configure_trainable(model, model_args)
-    return model, processor, model_args
+    configure_trainable(model, script)
+    return model, processor
 
 
 def make_grpo_dataset(data_path: str, processor, limit: int | None = None):
     """Records with a `prompt` column (the rendered prompt text) for trl."""
-    from .train import make_dataset  # noqa: PLC0415
-
-    from ..model.records import MultimoodError, MultimoodRecordError  # noqa: PLC0415
-
     data = make_dataset(data_path, limit)
 
     def prompt(record: dict, index: int) -> dict:
@@ -446,39 +441,24 @@ def make_grpo_dataset(data_path: str, processor, limit: int | None = None):
     return data.map(prompt, with_indices=True)
 
 
-def train(script: GRPOScriptArguments, config):
-    import transformers  # noqa: PLC0415
-
-    from .train import apply_lora  # noqa: PLC0415
-
+def train(script: GRPOScriptArguments, config: GRPOConfig):
     if script.data_path is None or script.model_path is None:
         raise ValueError("--model_path and --data_path are required")
     transformers.set_seed(config.seed)
-    model, processor, model_args = load_model_and_processor(script, script.model_max_length)
+    model, processor = load_model_and_processor(script, script.model_max_length)
     if script.lora_enable:
-        lora_args = SimpleNamespace(lora_r=script.lora_r, lora_alpha=script.lora_alpha, lora_dropout=script.lora_dropout,
-                                    lora_bias=script.lora_bias, lora_target_modules=script.lora_target_modules,
-                                    gradient_checkpointing=config.gradient_checkpointing)
-        model = apply_lora(model, model_args, lora_args)
+        model = apply_lora(model, script, script, config.gradient_checkpointing)
     elif config.beta != 0.0:
         config.trust_remote_code = True  # the reference model is reloaded from the folder's remote code
     rewards, weights = build_rewards(script)
     config.reward_weights = weights
     dataset = make_grpo_dataset(script.data_path, processor, script.max_train_samples)
     video_folder = os.path.abspath(script.vid_folder) if script.vid_folder else None
-    trainer_cls = _trainer_class()
-    trainer = trainer_cls(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
-                          processing_class=processor, video_folder=video_folder)
+    trainer = MultimoodGRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
+                                   processing_class=processor, video_folder=video_folder)
     logger.info("rewards: %s", dict(zip(trainer.reward_func_names, weights)))
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_state()
-    trainer.save_model(config.output_dir)
-    if trainer.args.should_save:
-        processor.save_pretrained(config.output_dir)
-    if script.lora_enable and script.merge_lora:
-        from .train import save_lora_merged  # noqa: PLC0415
-
-        save_lora_merged(trainer, processor, config.output_dir)
+    save_trained(trainer, processor, config.output_dir, script.lora_enable, script.merge_lora)
     return trainer, result
 
 

@@ -28,9 +28,16 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
+import av
 import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from ..model.pipeline_multimood import LABEL_FIELDS
+from ..checkpoints.model_folder import is_multimood_folder
+from ..model.pipeline_multimood import LABEL_FIELDS, EmotionalSupportPipeline
+from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT, LABEL_SETS
+from . import train as multimood_train
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TRAIN_FILE, HELDOUT_FILE = "dialogues.jsonl", "heldout.jsonl"  # in multimood/sample_data (write_dialogues.py)
@@ -50,7 +57,8 @@ DEFAULT_STEPS, DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE = 300, 4, 5e-3
 
 def tiny_model_config(vocab_size: int, num_frames: int = 4, image_size: int = 56, text_hidden_size: int = 64,
                       text_layers: int = 2) -> dict:
-    """MultimoodConfig kwargs of a tiny random model (the architecture of tests/model_utils.py)."""
+    """`--model_config` of a tiny random model (the architecture of tests/model_utils.py): MultimoodConfig kwargs
+    plus the processor's audio windows and frames, which training routes to the processor."""
     return {
         "text_config": {
             "model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": text_hidden_size,
@@ -119,8 +127,6 @@ def _voice(seconds: float, rate: int, pitch: float, seed: int) -> np.ndarray:
 def write_clip(path: Path, seconds: float, skin=(220, 180, 150), audio: bool = True, pitch: float = 150.0,
                size: int = 64, fps: int = 12, sample_rate: int = 16000, seed: int = 0) -> Path:
     """Write one talking-face clip (H.264 video, AAC mono audio unless `audio=False`) with PyAV."""
-    import av  # noqa: PLC0415
-
     path.parent.mkdir(parents=True, exist_ok=True)
     voice = _voice(seconds, sample_rate, pitch, seed) if audio else None
     with av.open(str(path), mode="w") as container:
@@ -177,16 +183,14 @@ def write_sample_data(data_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _tokenizer_corpus(records: list[dict]) -> list[str]:
-    try:
-        from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT  # noqa: PLC0415
-        from ..model.records import LABEL_SETS  # noqa: PLC0415
-
-        labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
-    except ImportError:
-        DEFAULT_SYSTEM_PROMPT, labels = "", []
-    texts = [DEFAULT_SYSTEM_PROMPT, *labels, "Problem type: Situation: Client's video and voice: Earlier conversation (memory):",
-             "Client emotion: Therapist emotion: Strategy: Response: Client: Therapist:",
-             "Answer in exactly four lines: one of the labels, the therapist's reply."]
+    labels = [" ".join(LABEL_SETS["mesc"]["emotion_labels"]), " ".join(LABEL_SETS["mesc"]["strategy_labels"])]
+    texts = [
+        DEFAULT_SYSTEM_PROMPT,
+        *labels,
+        "Problem type: Situation: Client's video and voice: Earlier conversation (memory):",
+        "Client emotion: Therapist emotion: Strategy: Response: Client: Therapist:",
+        "Answer in exactly four lines: one of the labels, the therapist's reply.",
+    ]
     for record in records:
         for value in record.values():
             if isinstance(value, str):
@@ -199,9 +203,6 @@ def _tokenizer_corpus(records: list[dict]) -> list[str]:
 
 def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_size: int = 1200):
     """A small byte-level BPE tokenizer (Qwen2-style specials) trained on the sample dialogues."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
     corpus = _tokenizer_corpus(records)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -218,7 +219,12 @@ def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_si
     added = {}
     for token in SPECIAL_TOKENS:
         added[str(len(vocab) + len(added))] = {
-            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True,
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
     (output_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "add_prefix_space": False, "errors": "replace", "model_max_length": 32768,
@@ -236,8 +242,14 @@ def train_tokenizer(records: list[dict], output_dir: str | os.PathLike, vocab_si
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimood quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/quickstart", help="model folder to write (replaced if it holds an earlier model)")
-    parser.add_argument("--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one")
+    parser.add_argument(
+        "--output_dir",
+        default="outputs/quickstart",
+        help="model folder to write (replaced if it holds an earlier model)",
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="use this tokenizer (e.g. a Qwen2 folder) instead of training one"
+    )
     parser.add_argument("--max_steps", type=int, default=DEFAULT_STEPS, help="training steps (tests use a few)")
     parser.add_argument("--learning_rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--num_frames", type=int, default=4)
@@ -300,38 +312,32 @@ def format_table(records: list[dict], answers: list[dict], golds: list[dict], ro
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch  # noqa: PLC0415
-
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
-
-    from . import train as multimood_train  # noqa: PLC0415
-    from ..model.pipeline_multimood import EmotionalSupportPipeline  # noqa: PLC0415
-
-    start = time.time()
+def _prepare(args: argparse.Namespace) -> tuple[Path, Path, Path, Path, str]:
+    """(model folder, data folder, training records, video folder, tokenizer): the sample data written, an earlier
+    quickstart model replaced, a tokenizer trained unless `--tokenizer` names one."""
     output_dir = Path(args.output_dir).resolve()
     data_dir = Path(args.data_dir).resolve() if args.data_dir else output_dir.with_name(output_dir.name + "_data")
     if output_dir.exists() and any(output_dir.iterdir()):
-        if not multimood_train.is_multimood_folder(str(output_dir)):
+        if not is_multimood_folder(str(output_dir)):
             raise SystemExit(f"{output_dir} exists and is not a multimood model folder: choose another --output_dir")
         shutil.rmtree(output_dir)  # an earlier quickstart's model: replace it
     print(f"[quickstart] writing sample clips and dialogues to {data_dir}", flush=True)
     records_path, video_dir = write_sample_data(data_dir)
-    records = list(multimood_train.load_records(records_path))
-    heldout = list(multimood_train.load_records(records_path.with_name(HELDOUT_FILE)))
-    if args.tokenizer:
-        tokenizer_path = args.tokenizer
-    else:
+    tokenizer_path = args.tokenizer
+    if not tokenizer_path:
         tokenizer_path = str(data_dir / "tokenizer")
-        tokenizer = train_tokenizer(records, tokenizer_path)
+        tokenizer = train_tokenizer(list(multimood_train.load_records(records_path)), tokenizer_path)
         print(f"[quickstart] trained a byte-level BPE tokenizer ({len(tokenizer)} tokens)", flush=True)
+    return output_dir, data_dir, records_path, video_dir, tokenizer_path
 
+
+def train_argv(args: argparse.Namespace, tokenizer_path: str, records_path: Path, video_dir: Path,
+               output_dir: Path) -> list[str]:
+    """The `multimood train` flags of the tiny model."""
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_path)) + 4  # + <video> <audio> <history> <MEM>
     vocab_size = -(-vocab_size // 8) * 8
     model_config = tiny_model_config(vocab_size, args.num_frames, args.image_size)
-    checkpoints = output_dir / "checkpoints"
-    argv = [
+    return [
         "--model_config", json.dumps(model_config),
         "--tokenizer_path", tokenizer_path,
         "--data_path", str(records_path),
@@ -355,15 +361,37 @@ def run(args: argparse.Namespace) -> dict:
         "--dataloader_num_workers", "0",
         "--disable_tqdm", "True",
     ]
+
+
+def _print_heldout(heldout: list[dict], answers: list[dict], golds: list[dict], rows: list[int], report: dict) -> None:
+    dialogues = len({r["Dialogue_ID"] for r in heldout})
+    print("[quickstart] predictions on held-out turns (dialogues not seen in training; ok = matches gold):", flush=True)
+    print(format_table(heldout, answers, golds, rows))
+    print(f"[quickstart] accuracy on the {len(heldout)} held-out turns of {dialogues} dialogues "
+          "(majority-label baseline in brackets):")
+    for field, item in report.items():
+        print(
+            f"  {field:<18} {item['accuracy']:.2f}   "
+            f"(always {item['majority_label']!r}: {item['majority_baseline']:.2f})"
+        )
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    start = time.time()
+    output_dir, data_dir, records_path, video_dir, tokenizer_path = _prepare(args)
+    records = list(multimood_train.load_records(records_path))
+    heldout = list(multimood_train.load_records(records_path.with_name(HELDOUT_FILE)))
     print(f"[quickstart] training a tiny MultiMood on {len(records)} turns for {args.max_steps} steps "
           f"of {args.batch_size}", flush=True)
-    trainer, result = multimood_train.main(argv)
+    trainer, result = multimood_train.main(train_argv(args, tokenizer_path, records_path, video_dir, output_dir))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     del trainer
-    if checkpoints.exists():
-        shutil.rmtree(checkpoints)
+    if (output_dir / "checkpoints").exists():
+        shutil.rmtree(output_dir / "checkpoints")
     if losses:
-        print(f"[quickstart] loss {losses[0]:.2f} -> {losses[-1]:.2f} in {result.metrics['train_runtime']:.0f} s", flush=True)
+        print(f"[quickstart] loss {losses[0]:.2f} -> {losses[-1]:.2f} in {result.metrics['train_runtime']:.0f} s",
+              flush=True)
 
     print(f"[quickstart] reloading {output_dir} with AutoModelForCausalLM / AutoProcessor", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(output_dir), trust_remote_code=True)
@@ -374,13 +402,7 @@ def run(args: argparse.Namespace) -> dict:
     golds = [gold_answer(processor, r) for r in heldout]
     report = heldout_report(answers, golds, [gold_answer(processor, r) for r in records])
     rows = example_rows(golds)
-    dialogues = len({r["Dialogue_ID"] for r in heldout})
-    print("[quickstart] predictions on held-out turns (dialogues not seen in training; ok = matches gold):", flush=True)
-    print(format_table(heldout, answers, golds, rows))
-    print(f"[quickstart] accuracy on the {len(heldout)} held-out turns of {dialogues} dialogues "
-          "(majority-label baseline in brackets):")
-    for field, item in report.items():
-        print(f"  {field:<18} {item['accuracy']:.2f}   (always {item['majority_label']!r}: {item['majority_baseline']:.2f})")
+    _print_heldout(heldout, answers, golds, rows, report)
     wall = time.time() - start
     print(f"[quickstart] done in {wall:.0f} s: model folder {output_dir}, sample data {data_dir}", flush=True)
     return {

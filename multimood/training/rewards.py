@@ -38,9 +38,12 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModel, AutoTokenizer
 
 from ..model.records import MESC_EMOTIONS, MESC_STRATEGIES, parse_output
 
@@ -194,8 +197,6 @@ def resolve_model_folder(model_path: str, cache_dir: str | None = None) -> str:
     the Hugging Face cache answers). Raises an error naming `model_path` when neither works."""
     if os.path.isdir(model_path):
         return model_path
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
-
     try:
         return snapshot_download(repo_id=model_path, cache_dir=cache_dir, ignore_patterns=list(HUB_IGNORE_PATTERNS))
     except Exception as error:  # noqa: BLE001 - re-raised with the path the user gave
@@ -258,7 +259,7 @@ class SimilarityReward:
         folder = resolve_model_folder(self.model_path)
         if os.path.isfile(os.path.join(folder, "modules.json")):
             try:
-                from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+                from sentence_transformers import SentenceTransformer  # noqa: PLC0415 - optional (the rl extra)
             except ImportError:
                 SentenceTransformer = None
             if SentenceTransformer is not None:
@@ -269,8 +270,6 @@ class SimilarityReward:
                                         normalize_embeddings=True).float().cpu()
 
                 return encode
-        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
-
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModel.from_pretrained(folder).to(self.device).eval()
 
@@ -344,8 +343,6 @@ class BGEM3Scorer:
         self._lock = threading.Lock()
 
     def _load(self):
-        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
-
         folder = resolve_model_folder(self.model_path, self.cache_dir)
         missing = [name for name in self.HEADS if not os.path.isfile(os.path.join(folder, name))]
         if missing:
@@ -610,8 +607,6 @@ class JudgeReward:
         return (sum(scores.values()) / len(scores) - 1.0) / 9.0
 
     def __call__(self, prompts: Sequence | None = None, completions: Sequence = (), **kwargs) -> list[float]:
-        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
         prompts = list(prompts) if prompts is not None else [""] * len(completions)
         contexts = [completion_text(p) if not isinstance(p, str) else p for p in prompts]
         responses = [_parse(c)["response"] or None for c in completions]
@@ -624,8 +619,11 @@ class JudgeReward:
 # ----------------------------------------------------------------------------------------------
 
 
-def combine_rewards(rewards: dict[str, Callable] | Sequence[Callable], weights: dict[str, float] | Sequence[float] | None = None,
-                    name: str = "combined") -> Callable:
+def combine_rewards(
+    rewards: dict[str, Callable] | Sequence[Callable],
+    weights: dict[str, float] | Sequence[float] | None = None,
+    name: str = "combined",
+) -> Callable:
     """One reward callable: the weighted element-wise average of `rewards` per completion
     (`sum_k w_k r_k / sum_k w_k`, over the rewards that scored the completion, i.e. did not return None).
 
@@ -661,7 +659,9 @@ def combine_rewards(rewards: dict[str, Callable] | Sequence[Callable], weights: 
                 continue
             values = list(func(prompts=prompts, completions=completions, **kwargs))
             if len(values) != n:
-                raise ValueError(f"reward {getattr(func, '__name__', func)!r} returned {len(values)} values for {n} completions")
+                raise ValueError(
+                    f"reward {getattr(func, '__name__', func)!r} returned {len(values)} values for {n} completions"
+                )
             for i, value in enumerate(values):
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     continue
