@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from multimood import MultimoodForConditionalGeneration  # noqa: E402
-from multimood.model.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
 from multimood.checkpoints.assembly import build_processor, fit_processor_to_model  # noqa: E402
+from multimood.model.pipeline_multimood import TASK, EmotionalSupportPipeline, save_pipeline_files  # noqa: E402
 from tests.model_utils import TINY_NUM_FRAMES, tiny_config  # noqa: E402
 
 

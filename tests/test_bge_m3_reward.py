@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import constants
 from transformers import AutoTokenizer, XLMRobertaModel
 
-from multimood.model.processing_multimood import format_answer
+from multimood.model.records import format_answer
 from multimood.training import rewards as R
 from tests.bge_m3_utils import WORDS, write_tiny_bge_m3
 

@@ -23,8 +23,8 @@ from transformers.cli.serving.utils import BaseHandler, Modality
 
 from multimood.model.chat_messages import MultimoodChatError
 from multimood.model.feature_extraction_multimood import MultimoodFeatureExtractor
-from multimood.model.processing_multimood import PROMPT_STYLES, MultimoodProcessor, format_answer
-from multimood.model.records import MultimoodError
+from multimood.model.processing_multimood import MultimoodProcessor
+from multimood.model.records import PROMPT_STYLES, MultimoodError, format_answer
 from multimood.model.video_processing_multimood import MultimoodVideoProcessor
 
 NOAUDIO_CLIP = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"

@@ -48,7 +48,7 @@ from typing import Any
 from transformers import AutoModelForMultimodalLM, LogitsProcessorList
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
-from ..checkpoints.hub import check_model_folder
+from ..checkpoints.model_folder import check_model_folder
 from ..model.configuration_multimood import MultimoodConfig
 from ..model.modeling_multimood import MultimoodForConditionalGeneration
 from ..model.pipeline_multimood import AnswerConstraint, AnswerFormatLogitsProcessor

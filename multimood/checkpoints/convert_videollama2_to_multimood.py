@@ -70,8 +70,8 @@ from transformers import AutoConfig, Qwen2Config
 from ..cli import run_command
 from ..model.configuration_multimood import MAMBA_370M, BeatsConfig, MultimoodConfig
 from ..model.modeling_multimood import MultimoodForConditionalGeneration
-from ..model.processing_multimood import PROMPT_STYLES, MultimoodProcessor
-from ..model.records import MultimoodError
+from ..model.processing_multimood import MultimoodProcessor
+from ..model.records import PROMPT_STYLES, MultimoodError
 from ..model.video_processing_multimood import MultimoodVideoProcessor
 from .assembly import (
     build_processor,

@@ -50,7 +50,6 @@ from ..model.modeling_multimood import MultimoodForConditionalGeneration
 from ..model.processing_multimood import MultimoodProcessor
 from .model_folder import (
     PROCESSOR_CONFIG_NAME,
-    ModelFolderError,
     check_model_folder,
     complete_model_folder,
     is_hub_id,
@@ -730,7 +729,6 @@ def push_main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "base_models",
-    "ModelFolderError",
     "check_hub_reachable",
     "check_model_folder",
     "check_upload_folder",

@@ -41,12 +41,9 @@ from ..model.records import LABEL_SETS, SCHEMA_FIELDS, MultimoodError, label_lis
 from . import record_files
 from .corpora import MESC_CLIP_PATTERN, MESC_SUBSETS, convert_esconv, convert_mesc
 from .record_files import (
-    InvalidRecordError,
     PathLike,
     SplitReport,
     format_report,
-    iter_json_items,
-    iter_located_records,
     iter_records,
     write_jsonl,
 )
@@ -355,15 +352,6 @@ __all__ = [
     "data_command",
     "load_dialogues",
     "main",
-    # defined in record_files.py and corpora.py, importable from here too
-    "InvalidRecordError",
-    "SplitReport",
-    "convert_esconv",
-    "convert_mesc",
-    "iter_json_items",
-    "iter_located_records",
-    "iter_records",
-    "write_jsonl",
 ]
 
 

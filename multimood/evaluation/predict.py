@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import pipeline, set_seed
 
-from ..checkpoints.hub import ModelFolderError, check_model_folder
+from ..checkpoints.model_folder import ModelFolderError, check_model_folder
 from ..cli import run_command
 from ..data.record_files import SplitReport, iter_located_records
 from ..model.pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline

@@ -72,13 +72,7 @@ from transformers.processing_utils import ProcessorMixin
 from .chat_messages import MultimoodChatError, chat_options, conversation_to_record
 from .feature_extraction_multimood import MultimoodFeatureExtractor
 from .records import (
-    ESCONV_EMOTIONS,
-    ESCONV_STRATEGIES,
     LABEL_SETS,
-    MESC_EMOTIONS,
-    MESC_STRATEGIES,
-    PROMPT_STYLES,
-    PUBLISHED_ANSWER_TEMPLATE,
     SPEAKER_NAMES,
     MultimoodRecordError,
     check_prompt_style,
@@ -1228,16 +1222,4 @@ __all__ = [
     "format_target",
     "group_exchanges",
     "prepare_tokenizer",
-    # defined in records.py, importable from here too (the processor's answer format and label sets)
-    "ESCONV_EMOTIONS",
-    "ESCONV_STRATEGIES",
-    "LABEL_SETS",
-    "MESC_EMOTIONS",
-    "MESC_STRATEGIES",
-    "MultimoodRecordError",
-    "PROMPT_STYLES",
-    "PUBLISHED_ANSWER_TEMPLATE",
-    "check_prompt_style",
-    "format_answer",
-    "parse_output",
 ]

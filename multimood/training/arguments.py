@@ -22,9 +22,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from ..checkpoints.model_folder import PROCESSOR_CONFIG_NAME, check_model_folder, is_multimood_folder
-from ..data.dataset_builder import iter_records
-from ..model.processing_multimood import LABEL_SETS, PROMPT_STYLES
-from ..model.records import MultimoodError
+from ..data.record_files import iter_records
+from ..model.records import LABEL_SETS, PROMPT_STYLES, MultimoodError
 
 logger = logging.getLogger("multimood.training.arguments")
 
