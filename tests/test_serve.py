@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from multimood import MultimoodForConditionalGeneration, parse_output
+from multimood.checkpoints.assembly import fit_processor_to_model, set_media_settings
 from multimood.cli import main as cli_main
 from multimood.model.pipeline_multimood import EmotionalSupportPipeline
 from multimood.model.processing_multimood import MultimoodProcessor
-from tests.model_utils import tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, tiny_config
 from tests.optional_deps import import_or_skip
 
 openai = import_or_skip("openai", "serving")
@@ -32,7 +33,8 @@ import_or_skip("fastapi", "serving")
 import_or_skip("uvicorn", "serving")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = {"audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2, "initializer_range": 0.2}
+TINY = {"initializer_range": 0.2}
+MEDIA = {"num_frames": TINY_NUM_FRAMES, "audio_num_windows": 2, "audio_max_seconds": 4.0, "num_k_vid": 2}
 MAX_NEW = 40
 CLIP = "retalking_face_1.mp4"
 STARTUP_LIMIT_S = 600  # a loaded 2-core machine; the server normally answers /health within a minute
@@ -46,10 +48,8 @@ def built(shared_data, tmp_path_factory):
     config.text_config.initializer_range = 0.2
     model = MultimoodForConditionalGeneration(config).eval()
     processor = MultimoodProcessor.from_tokenizer(shared_data / "tokenizer" / "qwen2", k_turn_history=2)
-    video, audio = processor.video_processor, processor.feature_extractor
-    video.num_frames, video.num_k_vid = config.num_frames, config.num_k_vid
-    video.size = {"height": config.image_size, "width": config.image_size}
-    audio.num_windows, audio.max_seconds, audio.num_k_vid = config.audio_num_windows, config.audio_max_seconds, 2
+    set_media_settings(processor, MEDIA)
+    fit_processor_to_model(processor, config)
     folder = tmp_path_factory.mktemp("serve") / "model"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -37,6 +37,7 @@ import torch
 
 from ..evaluation.predict import load_pipeline
 from ..model.media import decode_audio
+from ..model.records import SPEAKER_NAMES, speaker_role, split_speaker_prefix
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 MAX_CLIPS = 5
 DEFAULT_PORT = 7860
 DEFAULT_MAX_NEW_TOKENS = 128
-ROLES = {"Client": "user", "Therapist": "assistant"}  # the page's speakers -> chat roles of the records
+SPEAKERS = list(SPEAKER_NAMES.values())  # the page's speaker choices: "Client", "Therapist"
 
 # MESC's problem types (the published model's training data); any other text may be typed.
 PROBLEM_TYPES = [
@@ -214,9 +215,9 @@ def parse_conversation(text: str) -> list[dict]:
         line = line.strip()
         if not line:
             continue
-        match = re.match(r"^(client|therapist)\s*:\s*(.*)$", line, re.IGNORECASE)
-        if match:
-            turns.append({"role": ROLES[match.group(1).capitalize()], "content": match.group(2)})
+        role, rest = split_speaker_prefix(line)
+        if role is not None:
+            turns.append({"role": role, "content": rest.strip()})
         elif turns:
             turns[-1]["content"] = f"{turns[-1]['content']} {line}".strip()
         else:
@@ -465,7 +466,7 @@ def add_turn(history: Sequence[dict], speaker: str, text: str | None) -> tuple[l
     text = (text or "").strip()
     if not text:
         return list(history), ""
-    return [*history, {"role": ROLES[speaker], "content": text}], ""
+    return [*history, {"role": speaker_role(speaker), "content": text}], ""
 
 
 def load_pasted_conversation(history: Sequence[dict], text: str | None) -> tuple[list[dict], str, dict]:
@@ -524,7 +525,7 @@ def _conversation_column(gr: Any) -> dict[str, Any]:
     parts["chat"] = gr.Chatbot(label="Earlier conversation (client: right, therapist: left)", height=320,
                                elem_id="history")
     with gr.Row():
-        parts["speaker"] = gr.Dropdown(list(ROLES), value="Client", label="Speaker", scale=1, elem_id="turn-role")
+        parts["speaker"] = gr.Dropdown(SPEAKERS, value="Client", label="Speaker", scale=1, elem_id="turn-role")
         parts["turn_text"] = gr.Textbox(label="Turn", scale=3, elem_id="turn-text")
     with gr.Row():
         parts["add_turn"] = gr.Button("Add turn", elem_id="add-turn")

@@ -28,9 +28,10 @@ the label lines), and everything with `--unconstrained`. The four fields are not
 text, which `multimood.parse_output` reads.
 
 Errors: a request whose messages the processor refuses (a missing clip, a file that is not a video, a remote URL,
-too many clips) fails in `processor.apply_chat_template` with an error naming the clip (`MultimoodError`, or the
-media decoder's `ValueError`); the stock server would answer 500, so `add_error_handlers` answers HTTP 400 with an
-OpenAI-style error body (`{"error": {"message": ...}}`) for those (other errors keep the stock 500); the server
+too many clips) fails in `processor.apply_chat_template` with a `MultimoodError` naming the clip (the chat
+messages' `MultimoodChatError`, the media decoder's `MultimoodClipError`); the stock server would answer 500, so
+`add_error_handlers` answers HTTP 400 with an OpenAI-style error body (`{"error": {"message": ...}}`) for those
+(other errors keep the stock 500); the server
 keeps serving. Clips: a `video_url` part's URL goes to the processor as it is (the server downloads
 nothing): a local path or a `file://` URL is read from the server's disk, an `http(s)` URL is refused.
 """
@@ -42,7 +43,6 @@ import errno
 import importlib.util
 import json
 import socket
-import traceback
 from typing import Any
 
 from transformers import AutoModelForMultimodalLM, LogitsProcessorList
@@ -87,34 +87,19 @@ def register_for_serving() -> None:
     AutoModelForMultimodalLM.register(MultimoodConfig, ServedMultimoodForConditionalGeneration, exist_ok=True)
 
 
-def refused_by_processor(error: BaseException) -> bool:
-    """Whether `error` is the processor refusing the request's messages: a `MultimoodError`, or any error raised
-    while `MultimoodProcessor.apply_chat_template` turned them into inputs (a clip PyAV cannot read raises
-    `ValueError` from the media decoder)."""
-    if isinstance(error, MultimoodError):
-        return True
-    return any(frame.f_code is _APPLY_CHAT_TEMPLATE for frame, _ in traceback.walk_tb(error.__traceback__))
-
-
-_APPLY_CHAT_TEMPLATE = MultimoodProcessor.apply_chat_template.__code__
-
-
 def add_error_handlers(app) -> None:
     """HTTP 400 (OpenAI error body) for messages the processor refuses, instead of the stock server's 500.
 
-    Other errors are re-raised, so they keep the stock answer (500, traceback in the server log).
+    Other errors keep the stock answer (500, traceback in the server log).
     """
     from fastapi.responses import JSONResponse  # noqa: PLC0415 - the optional `serving` extra
 
-    async def refused_input(_request, error: Exception):
-        if not refused_by_processor(error):
-            raise error
+    async def refused_input(_request, error: MultimoodError):
         message = " ".join(str(error).split())
         body = {"error": {"message": message, "type": "invalid_request_error", "param": "messages", "code": None}}
         return JSONResponse(body, status_code=400)
 
-    for error_class in (ValueError, OSError):  # MultimoodError is a ValueError
-        app.add_exception_handler(error_class, refused_input)
+    app.add_exception_handler(MultimoodError, refused_input)
 
 
 def check_serving_installed() -> None:

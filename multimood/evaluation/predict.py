@@ -48,8 +48,8 @@ from transformers import pipeline, set_seed
 from ..checkpoints.model_folder import ModelFolderError, check_model_folder
 from ..cli import run_command
 from ..data.record_files import SplitReport, iter_located_records
-from ..model.pipeline_multimood import ANSWER_FIELDS, TASK, EmotionalSupportPipeline
-from ..model.records import PROMPT_STYLES, TARGET_FIELDS, MultimoodError, MultimoodRecordError
+from ..model.pipeline_multimood import TASK, EmotionalSupportPipeline
+from ..model.records import ANSWER_FIELDS, PROMPT_STYLES, TARGET_FIELDS, MultimoodError, MultimoodRecordError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ from typing import TypeVar
 import av
 import numpy as np
 
+from .records import MissingClipError, MultimoodClipError
+
 SAMPLING_RATE = 16000
 
 # Decoders whose "skip non-reference frames" mode is exact: a non-reference picture (H.264 nal_ref_idc 0,
@@ -51,29 +53,32 @@ def resolve_clip(clip: str | os.PathLike, video_folder: str | os.PathLike | None
     """Path of `clip`; inside `video_folder`, names that would escape the folder are refused.
 
     Clip names come from dataset records, so they are untrusted input: an absolute name, a `..` component or a
-    symlink that resolves outside the folder raises `ValueError`. Without a folder the path is used as given.
-    A missing file raises `FileNotFoundError`. Both messages name the record and the path.
+    symlink that resolves outside the folder raises `MultimoodClipError` (a `ValueError`). Without a folder the path
+    is used as given. A missing file raises `MissingClipError` (also a `FileNotFoundError`). Both messages name the
+    record and the path.
     """
     name = os.fspath(clip)
     if video_folder is None:
         path = Path(name)
     else:
         if not name:
-            raise ValueError(f"record {record_id}: empty clip name")
+            raise MultimoodClipError(f"record {record_id}: empty clip name")
         if Path(name).is_absolute() or PureWindowsPath(name).anchor:
-            raise ValueError(
+            raise MultimoodClipError(
                 f"record {record_id}: clip path {name!r} is absolute; it must be relative to {video_folder}"
             )
         if ".." in PurePosixPath(name).parts or ".." in PureWindowsPath(name).parts:
-            raise ValueError(f"record {record_id}: clip path {name!r} contains '..' and could leave {video_folder}")
+            raise MultimoodClipError(
+                f"record {record_id}: clip path {name!r} contains '..' and could leave {video_folder}"
+            )
         folder = Path(video_folder).resolve()
         path = Path(video_folder) / name
         if not path.resolve().is_relative_to(folder):
-            raise ValueError(
+            raise MultimoodClipError(
                 f"record {record_id}: clip {path} resolves to {path.resolve()}, outside the video folder {folder}"
             )
     if not path.is_file():
-        raise FileNotFoundError(f"record {record_id}: clip {path} does not exist")
+        raise MissingClipError(f"record {record_id}: clip {path} does not exist")
     return path
 
 
@@ -81,13 +86,13 @@ def _open(path: Path, record_id: object) -> av.container.InputContainer:
     try:
         return av.open(os.fspath(path), metadata_errors="ignore")
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"record {record_id}: clip {path} does not exist") from error
+        raise MissingClipError(f"record {record_id}: clip {path} does not exist") from error
     except (av.FFmpegError, OSError) as error:
-        raise ValueError(f"record {record_id}: cannot read clip {path}: {error}") from error
+        raise MultimoodClipError(f"record {record_id}: cannot read clip {path}: {error}") from error
 
 
-def _unreadable(path: Path, record_id: object, error: Exception) -> ValueError:
-    return ValueError(f"record {record_id}: cannot decode clip {path}: {error}")
+def _unreadable(path: Path, record_id: object, error: Exception) -> MultimoodClipError:
+    return MultimoodClipError(f"record {record_id}: cannot decode clip {path}: {error}")
 
 
 @dataclass(frozen=True)
@@ -137,14 +142,14 @@ def probe_clip(path: Path, record_id: object) -> ClipInfo:
         except av.FFmpegError as error:
             raise _unreadable(path, record_id, error) from error
         if not packets:
-            raise ValueError(f"record {record_id}: clip {path} has no video frames")
+            raise MultimoodClipError(f"record {record_id}: clip {path} has no video frames")
         if len(packets) == 1 and stream.codec_context.name in _IMAGE_CODECS:
-            raise ValueError(
+            raise MultimoodClipError(
                 f"record {record_id}: clip {path} is a still image ({stream.codec_context.name}), not a video"
             )
         shortfall = _shortfall(container, stream, packets)
         if shortfall:
-            raise ValueError(f"record {record_id}: clip {path} is truncated or damaged: {shortfall}")
+            raise MultimoodClipError(f"record {record_id}: clip {path} is truncated or damaged: {shortfall}")
         pts, dts, is_key, _ = (tuple(column) for column in zip(*packets))
         if None in pts:
             display_order = tuple(range(len(pts)))
@@ -183,12 +188,12 @@ def _video_stream(container: av.container.InputContainer, path: Path, record_id:
     ]
     if not streams:
         cover = " (only a cover picture)" if container.streams.video else ""
-        raise ValueError(f"record {record_id}: clip {path} has no video stream{cover}")
+        raise MultimoodClipError(f"record {record_id}: clip {path} has no video stream{cover}")
     best = container.streams.best("video")
     stream = best if best in streams else streams[0]
     demuxer = container.format.name
     if demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe"):
-        raise ValueError(
+        raise MultimoodClipError(
             f"record {record_id}: clip {path} is a still image ({stream.codec_context.name}), not a video"
         )
     return stream
@@ -329,7 +334,9 @@ def decode_frames(
             raise _unreadable(info.path, record_id, error) from error
     missing = wanted - results.keys()
     if missing:
-        raise ValueError(f"record {record_id}: frames {sorted(missing)} of clip {info.path} could not be decoded")
+        raise MultimoodClipError(
+            f"record {record_id}: frames {sorted(missing)} of clip {info.path} could not be decoded"
+        )
     return results
 
 

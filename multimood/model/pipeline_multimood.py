@@ -58,13 +58,11 @@ from transformers.generation import GenerationConfig
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .records import speaker_role
+from .records import ANSWER_FIELDS, LABEL_FIELDS, speaker_role
 
 logger = logging.get_logger(__name__)
 
 TASK = "emotional-support"
-LABEL_FIELDS = ("client_emotion", "therapist_emotion", "strategy")
-ANSWER_FIELDS = LABEL_FIELDS + ("response",)
 # What `config.json` declares (the format `Pipeline.save_pretrained` writes for registered pipelines).
 CUSTOM_PIPELINES = {
     TASK: {"impl": "pipeline_multimood.EmotionalSupportPipeline", "pt": ["AutoModelForCausalLM"], "type": "multimodal"}

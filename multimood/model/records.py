@@ -88,6 +88,15 @@ class MultimoodRecordError(MultimoodError):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
+class MultimoodClipError(MultimoodError):
+    """A clip that cannot be used (outside the video folder, unreadable, cut off, a still image); the message names
+    the record and the clip. Servers answer it as a bad request."""
+
+
+class MissingClipError(MultimoodClipError, FileNotFoundError):
+    """A clip file that does not exist (also a `FileNotFoundError`)."""
+
+
 def record_name(record: Any, index: int | None = None) -> str:
     """How errors refer to a record: `record 3 (Dialogue_ID=48)` (its position in the batch or file)."""
     head = f"record {index}" if index is not None else ""
@@ -420,6 +429,8 @@ _ANSWER_FIELDS = (
     ("strategy", "Strategy", ("strategy", "therapist strategy", "therapist's strategy", "therapist’s strategy")),
     ("response", "Response", ("response", "therapist response", "therapist's response", "therapist’s response")),
 )
+ANSWER_FIELDS = tuple(key for key, _, _ in _ANSWER_FIELDS)  # the keys of a parsed answer, in order
+LABEL_FIELDS = ANSWER_FIELDS[:3]  # the lines drawn from the label sets
 _ANSWER_LINE = re.compile(
     r"^\s*[*#>\-\s]*(?P<key>"
     + "|".join(sorted({re.escape(p) for _, _, ps in _ANSWER_FIELDS for p in ps}, key=len, reverse=True))

@@ -35,9 +35,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from ..checkpoints.model_folder import is_multimood_folder
-from ..model.pipeline_multimood import LABEL_FIELDS, EmotionalSupportPipeline
+from ..model.pipeline_multimood import EmotionalSupportPipeline
 from ..model.processing_multimood import DEFAULT_SYSTEM_PROMPT
-from ..model.records import LABEL_SETS
+from ..model.records import LABEL_FIELDS, LABEL_SETS
 from . import train as multimood_train
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
