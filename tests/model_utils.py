@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from multimood import MultimoodConfig, MultimoodForConditionalGeneration
@@ -115,3 +122,16 @@ def multimodal_batch(config: MultimoodConfig, layout: list[dict], seed: int = 0,
             batch["history_input_ids"][i, : len(h)] = torch.tensor(h)
             batch["history_attention_mask"][i, : len(h)] = 1
     return batch
+
+
+def run_in_clean_process(script: str, *args: Any, cwd: str | os.PathLike) -> Any:
+    """Run `script` as someone without multimood would: `python -I` (no PYTHONPATH, no user site), offline, with a
+    private modules cache under `cwd`. Fails with the process's stderr; returns the JSON after its last `RESULT `
+    line (None when it prints none)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(cwd) / "modules"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-I", "-c", script, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(results[-1][len("RESULT "):]) if results else None

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -26,6 +23,7 @@ from multimood.model.feature_extraction_multimood import MultimoodFeatureExtract
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.model.records import PROMPT_STYLES, MultimoodError, format_answer
 from multimood.model.video_processing_multimood import MultimoodVideoProcessor
+from tests.model_utils import run_in_clean_process
 
 NOAUDIO_CLIP = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"
 
@@ -439,16 +437,5 @@ def test_saved_processor_chats_in_a_clean_process(processor, records, video_fold
     assert (folder / "chat_messages.py").is_file()
     record = _record(records, 48)
     conversation = _conversation(record, video_folder)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_CHAT, str(folder), json.dumps(conversation)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ids = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT ") :])
+    ids = run_in_clean_process(CLEAN_CHAT, folder, json.dumps(conversation), cwd=tmp_path)
     assert ids == processor(records=[record], video_folder=str(video_folder))["input_ids"].tolist()

@@ -32,7 +32,7 @@ from multimood.checkpoints.hub import (
     training_hyperparameters,
 )
 from multimood.model.pipeline_multimood import CUSTOM_PIPELINES, EmotionalSupportPipeline
-from tests.model_utils import TINY_NUM_FRAMES, tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, run_in_clean_process, tiny_config
 
 REPO_ID = "someone/multimood-tiny"
 MAX_NEW = 24
@@ -129,27 +129,8 @@ CLEAN_LOAD = textwrap.dedent(
 def test_upload_folder_loads_in_a_clean_process(built, tmp_path):
     model, processor, folder = built
     with_pipeline = EmotionalSupportPipeline is not None
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            CLEAN_LOAD,
-            str(folder),
-            json.dumps(QUERY),
-            str(MAX_NEW),
-            "1" if with_pipeline else "0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    result = run_in_clean_process(CLEAN_LOAD, folder, json.dumps(QUERY), MAX_NEW, "1" if with_pipeline else "0",
+                                  cwd=tmp_path)
     ids = processor.tokenizer("hello there", return_tensors="pt").input_ids
     with torch.no_grad():
         expected = model(input_ids=ids).logits

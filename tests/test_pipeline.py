@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -36,7 +34,7 @@ from multimood.model.pipeline_multimood import (
 from multimood.model.processing_multimood import MultimoodProcessor
 from multimood.model.records import MultimoodError
 from multimood.training import quickstart
-from tests.model_utils import TINY_NUM_FRAMES, tiny_config
+from tests.model_utils import TINY_NUM_FRAMES, run_in_clean_process, tiny_config
 
 # Small media (2 audio windows of 4 s, 2 clips) and a wider initialisation so that a random model's answers
 # depend on the input: batched == one-at-a-time then compares different answers.
@@ -418,16 +416,9 @@ CLEAN_PIPELINE = textwrap.dedent(
 def test_pipeline_in_a_clean_process(built, batched, records, video_folder, tmp_path):
     folder = built[2]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_PIPELINE, str(folder), str(tmp_path / "records.jsonl"), video_folder,
-         str(MAX_NEW)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    assert json.loads(line[len("RESULT "):]) == batched[:3]
+    result = run_in_clean_process(CLEAN_PIPELINE, folder, tmp_path / "records.jsonl", video_folder, MAX_NEW,
+                                  cwd=tmp_path)
+    assert result == batched[:3]
 
 
 # ----------------------------------------------------------------------------------------------

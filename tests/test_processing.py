@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,6 +23,7 @@ from multimood.model.records import (
     MultimoodRecordError,
     parse_output,
 )
+from tests.model_utils import run_in_clean_process
 
 SMALL = {"num_frames": 4, "size": 56}  # fast media for tests that do not need the published shapes
 NOAUDIO_CLIP = "videollama2_output_v_1jgsRbGzCls_noaudio.mp4"
@@ -500,14 +499,8 @@ def test_save_and_load_in_clean_process(processor, records, video_folder, tmp_pa
     recs[2]["path_to_vid_user_most_recent"] = [NOAUDIO_CLIP, "retalking_face_1.mp4"]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     args = {"video_folder": video_folder, "with_target": True, **SMALL}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_LOAD, str(folder), str(tmp_path / "records.jsonl"), str(tmp_path / "out.pt"),
-         json.dumps(args)],
-        check=True, cwd=tmp_path, env=env, timeout=300,
-    )
+    run_in_clean_process(CLEAN_LOAD, folder, tmp_path / "records.jsonl", tmp_path / "out.pt", json.dumps(args),
+                         cwd=tmp_path)
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
     expected = processor(records=recs, **args)
     assert set(loaded) == set(expected)
